@@ -1,0 +1,147 @@
+"""SIMLA pretraining: ITA + ITM + MLM + MIM + PSL on image-caption pairs.
+
+python -m torch.distributed.launch --nproc_per_node=8 --use_env Pretrain.py --config ./configs/Pretrain.yaml \
+    --output_dir output/Pretrain
+(also torchrun, SLURM, or a plain single process on a CPU or GPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import time
+from typing import Any
+
+import torch
+
+from dataset import SafeCollate, create_dataset, create_loader, create_sampler
+from engine.checkpoint import (
+    checkpoint_path,
+    interpolate_pos_embeds,
+    load_model_state,
+    read_checkpoint,
+    save_training_checkpoint,
+)
+from engine.cli import base_parser
+from engine.loop import EpochSettings, train_one_epoch
+from engine.precision import grad_scaler
+from engine.runtime import RunContext, setup_run, wrap_ddp
+from engine.tracking import Tracker
+from models.dvae import DalleVAE
+from models.simla.pretrain import SIMLA
+from models.tokenization import build_tokenizer
+from optim import create_optimizer
+from scheduler import create_scheduler, epoch_start_step
+from utils import append_log, barrier, get_rank, get_world_size, is_main_process, str2bool
+
+LOSS_NAMES = ("loss_mlm", "loss_ita", "loss_itm", "loss_mim", "loss_pseudo")
+
+
+def make_step(model: torch.nn.Module, tokenizer: Any, dvae: DalleVAE, config: dict, device: torch.device,
+              epoch: int):
+    """The pretraining iteration: tokenize, d-VAE codes of the masked patches, five losses."""
+    alpha_max = float(config["alpha"])
+
+    def step(batch, i: int, num_batches: int) -> dict[str, torch.Tensor]:
+        image, caption, image_for_tokenization, masked_positions = batch
+        image = image.to(device, non_blocking=True)
+        image_for_tokenization = image_for_tokenization.to(device, non_blocking=True)
+        text = tokenizer(list(caption), padding="longest", truncation=True, max_length=25,
+                         return_tensors="pt").to(device)
+        alpha = alpha_max if epoch > 0 else alpha_max * min(1.0, i / num_batches)
+        with torch.no_grad():
+            visual_token_ids = dvae.get_codebook_indices(image_for_tokenization).flatten(1)
+            masked_pos = masked_positions.to(device).flatten(1).bool()
+            labels = visual_token_ids[masked_pos]
+        loss_mlm, loss_ita, loss_itm, loss_mim, loss_pseudo = model(
+            image, text, visual_token_ids=visual_token_ids, masked_visual_token_pos=masked_pos,
+            masked_visual_tok_labels=labels, alpha=alpha)
+        return dict(zip(LOSS_NAMES, (loss_mlm, loss_ita, loss_itm, loss_mim, loss_pseudo)))
+
+    return step
+
+
+def main(args: argparse.Namespace) -> None:
+    ctx: RunContext = setup_run(args, "pretrain")
+    config, device = ctx.config, ctx.device
+
+    print("Creating dataset")
+    dataset = create_dataset("pretrain", config)
+    samplers = create_sampler([dataset], [True], get_world_size(), get_rank()) if ctx.distributed else [None]
+    loader = create_loader([dataset], samplers, batch_size=[int(config["batch_size"])],
+                           num_workers=[args.num_workers], is_trains=[True], collate_fns=[SafeCollate()])[0]
+    if len(loader) == 0:
+        raise ValueError(f"{config['train_file']}: {len(dataset)} samples give no full batch of "
+                         f"{config['batch_size']} per process")
+
+    tokenizer = build_tokenizer(args.text_encoder)
+    print("Creating model")
+    model = SIMLA(text_encoder=args.text_encoder, tokenizer=tokenizer, config=config)
+    model = model.to(device)
+    optimizer = create_optimizer(config["optimizer"], model)
+    scheduler, _ = create_scheduler(config["schedular"], optimizer)
+    scaler = grad_scaler(device, args.amp)
+
+    start_epoch = 0
+    if args.checkpoint:
+        checkpoint = read_checkpoint(args.checkpoint, trust=args.trust_checkpoint)
+        state_dict = dict(checkpoint["model"])
+        if args.resume:
+            for key in ("optimizer", "lr_scheduler", "epoch"):
+                if key not in checkpoint:
+                    raise KeyError(f"{args.checkpoint}: --resume needs a '{key}' entry in the checkpoint")
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            scheduler.load_state_dict(checkpoint["lr_scheduler"])
+            if "scaler" in checkpoint and scaler.is_enabled():
+                scaler.load_state_dict(checkpoint["scaler"])
+            start_epoch = int(checkpoint["epoch"]) + 1
+        else:
+            interpolate_pos_embeds(state_dict, model)
+        load_model_state(model, state_dict, args.checkpoint, strict=True)
+        del checkpoint
+
+    model, model_without_ddp = wrap_ddp(model, ctx)
+
+    print("Loading image tokenizer.")
+    dvae = DalleVAE.load(config["image_tokenizer_path"], device)
+    print(f"Loaded image tokenizer from {config['image_tokenizer_path']}")
+
+    backend = "none" if args.log_backend == "wandb" and config.get("disable_wandb") else args.log_backend
+    tracker = Tracker(backend, args.output_dir, config)
+    max_epoch = int(config["schedular"]["epochs"])
+    warmup_epochs = int(config["schedular"].get("warmup_epochs", 0) or 0)
+    settings = EpochSettings(loss_names=LOSS_NAMES, warmup_epochs=warmup_epochs, amp=args.amp,
+                             counted_batches=True)
+
+    print("Start training")
+    start_time = time.time()
+    for epoch in range(start_epoch, max_epoch):
+        epoch_start_step(scheduler, epoch, warmup_epochs)
+        step = make_step(model, tokenizer, dvae, config, device, epoch)
+        train_stats = train_one_epoch(model, loader, optimizer, scheduler, epoch, device, step, settings,
+                                      scaler=scaler, sampler=samplers[0],
+                                      on_step=tracker.step_callback(epoch, len(loader), optimizer))
+        if is_main_process():
+            save_training_checkpoint(checkpoint_path(args.output_dir, epoch), model_without_ddp, optimizer,
+                                     scheduler, config, epoch,
+                                     **({"scaler": scaler.state_dict()} if scaler.is_enabled() else {}))
+            log_stats = {f"train_{k}": v for k, v in train_stats.items()}
+            log_stats["epoch"] = epoch
+            append_log(args.output_dir, log_stats)
+        barrier()
+    tracker.close()
+    print(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
+
+
+def get_parser() -> argparse.ArgumentParser:
+    parser = base_parser("SIMLA pretraining", "./configs/Pretrain.yaml", "Pretrain/")
+    parser.add_argument("--resume", default=False, type=str2bool,
+                        help="with --checkpoint: restore optimizer, scheduler and continue at the next epoch")
+    return parser
+
+
+if __name__ == "__main__":
+    cli_args = get_parser().parse_args()
+    os.makedirs(cli_args.output_dir, exist_ok=True)
+    main(cli_args)

@@ -1,0 +1,102 @@
+"""BEiT-style block masking of the ViT patch grid for masked image modelling."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+
+class MaskingGenerator:
+    """Draw a 0/1 mask (1 = masked) made of random rectangular blocks, using Python's ``random``.
+
+    Blocks are added until ``num_masking_patches`` cells are masked or ten consecutive block draws
+    fail to add anything, so a mask can occasionally hold fewer cells. Each block has an area drawn
+    uniformly between ``min_num_patches`` and the remaining budget (capped by ``max_num_patches``)
+    and a log-uniform aspect ratio (height / width) in ``[min_aspect, max_aspect]``.
+    """
+
+    def __init__(
+        self,
+        input_size: int | tuple[int, int],
+        num_masking_patches: int,
+        min_num_patches: int = 4,
+        max_num_patches: int | None = None,
+        min_aspect: float = 0.3,
+        max_aspect: float | None = None,
+    ) -> None:
+        if isinstance(input_size, int):
+            input_size = (input_size, input_size)
+        self.height, self.width = (int(v) for v in input_size)
+        self.num_patches = self.height * self.width
+        self.num_masking_patches = num_masking_patches
+        self.min_num_patches = min_num_patches
+        self.max_num_patches = num_masking_patches if max_num_patches is None else max_num_patches
+        max_aspect = max_aspect or 1 / min_aspect
+        self.log_aspect_ratio = (math.log(min_aspect), math.log(max_aspect))
+
+    def __repr__(self) -> str:
+        low, high = self.log_aspect_ratio
+        return (
+            f"Generator({self.height}, {self.width} -> [{self.min_num_patches} ~ {self.max_num_patches}], "
+            f"max = {self.num_masking_patches}, {low:.3f} ~ {high:.3f})"
+        )
+
+    def get_shape(self) -> tuple[int, int]:
+        """Mask shape ``(height, width)``."""
+        return self.height, self.width
+
+    def _mask(self, mask: np.ndarray, max_mask_patches: int) -> int:
+        """Try up to ten times to add one block of at most ``max_mask_patches`` new cells."""
+        delta = 0
+        for _ in range(10):
+            # uniform(a, b) with b < a is allowed and samples in [b, a]; the original relies on it
+            # once the remaining budget drops below min_num_patches.
+            target_area = random.uniform(self.min_num_patches, max_mask_patches)
+            aspect_ratio = math.exp(random.uniform(*self.log_aspect_ratio))
+            h = int(round(math.sqrt(target_area * aspect_ratio)))
+            w = int(round(math.sqrt(target_area / aspect_ratio)))
+            if w < self.width and h < self.height:
+                top = random.randint(0, self.height - h)
+                left = random.randint(0, self.width - w)
+                block = mask[top : top + h, left : left + w]
+                new_cells = h * w - int(block.sum())
+                if 0 < new_cells <= max_mask_patches:
+                    block[...] = 1
+                    delta += new_cells
+                if delta > 0:
+                    break
+        return delta
+
+    def __call__(self) -> np.ndarray:
+        """Return a new int64 mask of shape ``(height, width)``."""
+        mask = np.zeros(self.get_shape(), dtype=np.int64)
+        mask_count = 0
+        while mask_count < self.num_masking_patches:
+            budget = min(self.num_masking_patches - mask_count, self.max_num_patches)
+            delta = self._mask(mask, budget)
+            if delta == 0:
+                break
+            mask_count += delta
+        return mask
+
+
+def masking_generator_from_config(config: Mapping[str, Any]) -> MaskingGenerator:
+    """Build the pretraining mask generator for the ViT patch grid of ``config``.
+
+    Optional keys: ``patch_size`` (16), ``mask_num_patches`` (75), ``mask_min_patches`` (16),
+    ``mask_min_aspect`` (0.3), ``mask_max_aspect`` (``1 / mask_min_aspect``).
+    """
+    window = int(config["image_res"]) // int(config.get("patch_size", 16))
+    max_aspect = config.get("mask_max_aspect")
+    return MaskingGenerator(
+        (window, window),
+        num_masking_patches=int(config.get("mask_num_patches", 75)),
+        min_num_patches=int(config.get("mask_min_patches", 16)),
+        max_num_patches=None,
+        min_aspect=float(config.get("mask_min_aspect", 0.3)),
+        max_aspect=None if max_aspect is None else float(max_aspect),
+    )

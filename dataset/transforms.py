@@ -1,0 +1,167 @@
+"""Image pipelines of the pretraining and fine-tuning datasets.
+
+Importing this module also relaxes two PIL limits, as the original SIMLA code does, so truncated
+files and very large images still load.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile
+from torchvision import transforms as T
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
+
+from dataset.randaugment import PIPELINE_OPS, RandomAugment
+
+ImageFile.LOAD_TRUNCATED_IMAGES = True
+Image.MAX_IMAGE_PIXELS = None
+
+# CLIP image statistics, used by every normalised pipeline.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# dall_e's logit-Laplace epsilon: d-VAE inputs live in [eps, 1 - eps].
+LOGIT_LAPLACE_EPS = 0.1
+
+PRETRAIN_CROP_SCALE = (0.2, 1.0)
+FINETUNE_CROP_SCALE = (0.5, 1.0)
+# torchvision's RandomResizedCrop default aspect range.
+CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+
+
+def map_pixels(x: torch.Tensor, eps: float = LOGIT_LAPLACE_EPS) -> torch.Tensor:
+    """Map ``[0, 1]`` pixels to ``[eps, 1 - eps]`` for the d-VAE encoder (``x * 0.8 + 0.1``)."""
+    if not torch.is_floating_point(x):
+        raise ValueError(f"map_pixels expects a floating point tensor, got {x.dtype}")
+    return (1 - 2 * eps) * x + eps
+
+
+def build_randaugment(config: Mapping[str, Any]) -> RandomAugment:
+    """RandAugment as used by all training pipelines (N=2, M=7, the ten pipeline ops).
+
+    Optional keys: ``randaugment_clip_sharpness`` and ``randaugment_fix_autocontrast`` (both default
+    False, i.e. the original behaviour; see :mod:`dataset.randaugment`).
+    """
+    return RandomAugment(
+        N=2,
+        M=7,
+        isPIL=True,
+        augs=list(PIPELINE_OPS),
+        clip_sharpness=bool(config.get("randaugment_clip_sharpness", False)),
+        fix_autocontrast=bool(config.get("randaugment_fix_autocontrast", False)),
+    )
+
+
+def _normalize() -> T.Normalize:
+    return T.Normalize(CLIP_MEAN, CLIP_STD)
+
+
+def build_transforms(config: Mapping[str, Any]) -> dict[str, Callable[[Image.Image], torch.Tensor]]:
+    """Build the five image pipelines of the original ``create_dataset``.
+
+    Keys: ``pretrain`` (ViT view), ``visual_tokenizer`` (d-VAE view at ``image_res // 2``, mapped
+    with :func:`map_pixels`), ``train`` (retrieval / VQA / NLVR / VE), ``test`` (every eval split)
+    and ``grounding_train``.
+    """
+    res = int(config["image_res"])
+    bicubic = InterpolationMode.BICUBIC
+    return {
+        "pretrain": T.Compose(
+            [
+                T.RandomResizedCrop(res, scale=PRETRAIN_CROP_SCALE, interpolation=bicubic),
+                T.RandomHorizontalFlip(),
+                build_randaugment(config),
+                T.ToTensor(),
+                _normalize(),
+            ]
+        ),
+        "visual_tokenizer": T.Compose(
+            [
+                T.RandomResizedCrop(res // 2, scale=PRETRAIN_CROP_SCALE, interpolation=bicubic),
+                T.RandomHorizontalFlip(),
+                build_randaugment(config),
+                T.ToTensor(),
+                map_pixels,
+            ]
+        ),
+        "train": T.Compose(
+            [
+                T.RandomResizedCrop(res, scale=FINETUNE_CROP_SCALE, interpolation=bicubic),
+                T.RandomHorizontalFlip(),
+                build_randaugment(config),
+                T.ToTensor(),
+                _normalize(),
+            ]
+        ),
+        "test": T.Compose(
+            [
+                T.Resize((res, res), interpolation=bicubic),
+                T.ToTensor(),
+                _normalize(),
+            ]
+        ),
+        "grounding_train": T.Compose(
+            [
+                T.Resize((res, res), interpolation=bicubic),
+                T.RandomHorizontalFlip(),
+                build_randaugment(config),
+                T.ToTensor(),
+                _normalize(),
+            ]
+        ),
+    }
+
+
+class PretrainViews:
+    """Produce the two pretraining views of one PIL image: ``(image, image_for_tokenization)``.
+
+    ``image`` is the normalised ViT input (``image_res``); ``image_for_tokenization`` is the d-VAE
+    input (``image_res // 2``, :func:`map_pixels`).
+
+    By default the views come from two independent random pipelines (different crop, flip and
+    RandAugment draws), as in the original SIMLA code, drawn in its order: tokenizer view first,
+    then ViT view. The masked-image-modelling targets of patch *p* then describe a different image
+    region than ViT patch *p*.
+
+    With ``mim_aligned_views: true`` in the config, both views share one geometry: a single
+    RandomResizedCrop box (scale 0.2-1.0) and flip decision produce the ``image_res`` crop, RandAugment
+    runs once on it, the ViT view is that result and the tokenizer view is its bicubic downsample to
+    ``image_res // 2``. Every d-VAE code then describes exactly the region of the matching ViT patch.
+    """
+
+    def __init__(
+        self,
+        config: Mapping[str, Any],
+        transforms: Mapping[str, Callable[[Image.Image], torch.Tensor]] | None = None,
+    ) -> None:
+        self.aligned = bool(config.get("mim_aligned_views", False))
+        self.image_res = int(config["image_res"])
+        built = transforms if transforms is not None else build_transforms(config)
+        self.image_transform = built["pretrain"]
+        self.tokenizer_transform = built["visual_tokenizer"]
+        self.randaugment = build_randaugment(config)
+        self.to_image_tensor = T.Compose([T.ToTensor(), _normalize()])
+        self.to_tokenizer_tensor = T.Compose([T.ToTensor(), map_pixels])
+
+    def __call__(self, img: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.aligned:
+            # Order matters for RNG parity with the original: tokenizer view first.
+            image_for_tokenization = self.tokenizer_transform(img)
+            image = self.image_transform(img)
+            return image, image_for_tokenization
+        return self._aligned_views(img)
+
+    def _aligned_views(self, img: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
+        res = self.image_res
+        top, left, height, width = T.RandomResizedCrop.get_params(img, PRETRAIN_CROP_SCALE, CROP_RATIO)
+        crop = TF.resized_crop(img, top, left, height, width, [res, res], InterpolationMode.BICUBIC)
+        if torch.rand(1) < 0.5:
+            crop = TF.hflip(crop)
+        augmented = np.ascontiguousarray(self.randaugment(crop))
+        small = Image.fromarray(augmented).resize((res // 2, res // 2), Image.Resampling.BICUBIC)
+        return self.to_image_tensor(augmented), self.to_tokenizer_tensor(small)

@@ -1,0 +1,34 @@
+"""Command-line flags common to every entry script (the original's, plus a few options of our own)."""
+
+from __future__ import annotations
+
+import argparse
+
+from utils import str2bool
+
+
+def base_parser(description: str, default_config: str, default_output_dir: str) -> argparse.ArgumentParser:
+    """The original flags with their defaults; boolean flags accept true/false/1/0/yes/no."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", default=default_config, help="YAML config file")
+    parser.add_argument("--checkpoint", default="", help="checkpoint to start from ('' for none)")
+    parser.add_argument("--output_dir", default=default_output_dir)
+    parser.add_argument("--text_encoder", default="bert-base-uncased",
+                        help="Hugging Face BERT name or folder (tokenizer and BERT initialisation), "
+                             "or a vocab.txt file")
+    parser.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu (cpu is used when CUDA is absent)")
+    parser.add_argument("--seed", default=42, type=int, help="base seed; each process adds its global rank")
+    parser.add_argument("--world_size", default=1, type=int, help="number of processes (SLURM launches)")
+    parser.add_argument("--dist_url", default="env://", help="torch.distributed init method")
+    parser.add_argument("--distributed", default=True, type=str2bool,
+                        help="kept for compatibility; decided by the launcher's environment")
+    parser.add_argument("--overrides", nargs="*", default=[],
+                        help="config overrides: key=value, a.b=value, +new_key=value, ~key")
+    parser.add_argument("--amp", default="none", choices=("none", "bf16", "fp16"),
+                        help="autocast precision for training and evaluation")
+    parser.add_argument("--trust_checkpoint", action="store_true",
+                        help="allow arbitrary pickled objects in --checkpoint (only for files you trust)")
+    parser.add_argument("--num_workers", default=4, type=int, help="data-loading worker processes per rank")
+    parser.add_argument("--log_backend", default="none", choices=("none", "tensorboard", "wandb"),
+                        help="extra metric logging (off by default; wandb runs offline)")
+    return parser

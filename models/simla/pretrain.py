@@ -1,0 +1,281 @@
+"""SIMLA pretraining model: ITA, ITM, MLM, cross-modal MIM and keyword pseudo-label supervision.
+
+Config keys read: ``image_res``, ``vision_width``, ``embed_dim``, ``temp``, ``queue_size``,
+``momentum``, ``mlm_probability``, ``bert_config``; optional ``from_scratch`` (False),
+``vision_depth``/``vision_heads``/``patch_size`` (ViT-B/16), ``deit_weights`` (the DeiT URL or a local
+file), ``grad_checkpointing`` (False), ``distill_softmax_dim`` (1, the original's sequence-axis
+log-softmax in MLM distillation; -1 normalises over the vocabulary), ``psl_layer`` (last layer),
+``psl_keys_per_head`` (4), ``psl_num_keywords`` (5).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from models.bert import BertForMaskedLM, load_bert_config, load_pretrained_bert
+from models.dvae import DALLE_VOCAB_SIZE
+from models.simla.momentum import MomentumMixin
+from models.vit import DEIT_BASE_URL, load_deit_weights, vit_from_config
+
+PAD_ID, CLS_ID, MASK_ID = 0, 101, 103
+
+
+def mask_tokens(input_ids: torch.Tensor, vocab_size: int, mlm_probability: float, pad_token_id: int = PAD_ID,
+                cls_token_id: int = CLS_ID, mask_token_id: int = MASK_ID,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT masking as the original: 15% of non-[PAD]/[CLS] tokens, of which 80% [MASK], 10% random.
+
+    Draws come from the CPU generator in the original order (bernoulli p, bernoulli 0.8, bernoulli
+    0.5, randint), so a seeded CPU run reproduces the original masks exactly.
+    """
+    device = input_ids.device
+    ids = input_ids.clone().cpu()
+    labels = ids.clone()
+    shape = ids.shape
+    masked = torch.bernoulli(torch.full(shape, mlm_probability), generator=generator).bool()
+    masked[ids == pad_token_id] = False
+    masked[ids == cls_token_id] = False
+    labels[~masked] = -100
+    replaced = torch.bernoulli(torch.full(shape, 0.8), generator=generator).bool() & masked
+    ids[replaced] = mask_token_id
+    randomised = torch.bernoulli(torch.full(shape, 0.5), generator=generator).bool() & masked & ~replaced
+    random_words = torch.randint(vocab_size, shape, dtype=torch.long, generator=generator)
+    ids[randomised] = random_words[randomised]
+    return ids.to(device), labels.to(device)
+
+
+def sample_negatives(weights: torch.Tensor) -> torch.Tensor:
+    """One index per row drawn from each row's (unnormalised) weights, in a single call."""
+    return torch.multinomial(weights, 1).squeeze(1)
+
+
+class SIMLA(MomentumMixin, nn.Module):
+    def __init__(self, text_encoder: str | None = None, tokenizer: Any = None,
+                 config: Mapping[str, Any] | None = None, temp: float = 0.07) -> None:
+        super().__init__()
+        if config is None:
+            raise ValueError("SIMLA pretraining model needs a config")
+        if tokenizer is None:
+            raise ValueError("SIMLA pretraining model needs the tokenizer (its vocabulary sizes the keyword heads)")
+        self.tokenizer = tokenizer
+        self.vocab_size = int(tokenizer.vocab_size)
+        self.cls_token_id = int(getattr(tokenizer, "cls_token_id", CLS_ID))
+        self.pad_token_id = int(getattr(tokenizer, "pad_token_id", PAD_ID))
+        self.mask_token_id = int(getattr(tokenizer, "mask_token_id", MASK_ID))
+        self.mlm_probability = float(config["mlm_probability"])
+        embed_dim = int(config["embed_dim"])
+        vision_width = int(config["vision_width"])
+        from_scratch = bool(config.get("from_scratch", False))
+
+        self.visual_encoder = vit_from_config(config, mask_token=True)
+        if not from_scratch:
+            load_deit_weights(self.visual_encoder, config.get("deit_weights") or DEIT_BASE_URL)
+
+        bert_config = load_bert_config(config["bert_config"])
+        distill_dim = int(config.get("distill_softmax_dim", 1))
+        self.text_encoder = BertForMaskedLM(bert_config, distill_softmax_dim=distill_dim)
+        if not from_scratch:
+            if not text_encoder:
+                raise ValueError("text_encoder (a Hugging Face BERT name or folder) is required unless "
+                                 "from_scratch is true")
+            load_pretrained_bert(self.text_encoder, text_encoder)
+        text_width = bert_config.hidden_size
+
+        self.vision_proj = nn.Linear(vision_width, embed_dim)
+        self.text_proj = nn.Linear(text_width, embed_dim)
+        self.temp = nn.Parameter(torch.ones([]) * config["temp"])
+        self.itm_head = nn.Linear(text_width, 2)
+        self.mim_head = nn.Linear(self.visual_encoder.embed_dim, DALLE_VOCAB_SIZE)
+        self.mim_head_m = nn.Linear(self.visual_encoder.embed_dim, DALLE_VOCAB_SIZE)
+
+        self.visual_encoder_m = vit_from_config(config, mask_token=True)
+        self.vision_proj_m = nn.Linear(vision_width, embed_dim)
+        self.text_encoder_m = BertForMaskedLM(bert_config, distill_softmax_dim=distill_dim)
+        self.text_proj_m = nn.Linear(text_width, embed_dim)
+        self.concept_head = nn.Linear(embed_dim, self.vocab_size)
+        self.concept_head_m = nn.Linear(embed_dim, self.vocab_size)
+
+        self.init_momentum([
+            [self.visual_encoder, self.visual_encoder_m],
+            [self.vision_proj, self.vision_proj_m],
+            [self.text_encoder, self.text_encoder_m],
+            [self.text_proj, self.text_proj_m],
+            [self.mim_head, self.mim_head_m],
+            [self.concept_head, self.concept_head_m],
+        ], config["momentum"])
+        self.init_queues(embed_dim, config["queue_size"])
+
+        self.psl_layer = int(config.get("psl_layer", bert_config.num_hidden_layers - 1))
+        self.psl_keys_per_head = int(config.get("psl_keys_per_head", 4))
+        self.psl_num_keywords = int(config.get("psl_num_keywords", 5))
+        if config.get("grad_checkpointing", False):
+            self.set_grad_checkpointing(True)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.visual_encoder.set_grad_checkpointing(enable)
+        self.text_encoder.set_grad_checkpointing(enable)
+
+    def mask(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Masked-LM input ids and labels for this step."""
+        return mask_tokens(input_ids, self.text_encoder.config.vocab_size, self.mlm_probability,
+                           self.pad_token_id, self.cls_token_id, self.mask_token_id)
+
+    def sample_itm_negatives(self, weights_t2i: torch.Tensor, weights_i2t: torch.Tensor
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Indices of a hard negative image for each text, then of a hard negative text for each image."""
+        return sample_negatives(weights_t2i), sample_negatives(weights_i2t)
+
+    # ---------------------------------------------------------------------------------------------
+
+    def forward(self, image: torch.Tensor, text: Any, visual_token_ids: torch.Tensor | None = None,
+                masked_visual_token_pos: torch.Tensor | None = None,
+                masked_visual_tok_labels: torch.Tensor | None = None, alpha: float = 0.0,
+                return_intermediates: bool = False):
+        """Returns ``(loss_mlm, loss_ita, loss_itm, loss_mim, loss_pseudolabels)``.
+
+        ``text`` carries ``input_ids`` and ``attention_mask`` (B, L); ``masked_visual_token_pos`` is a
+        (B, N) bool mask of the patches replaced by the mask token and ``masked_visual_tok_labels`` the
+        d-VAE codes at those patches (row-major). ``visual_token_ids`` is accepted for the original's
+        call signature and not used.
+        """
+        ids, text_mask = text.input_ids, text.attention_mask
+        inter: dict[str, Any] = {}
+        with torch.no_grad():
+            self.temp.clamp_(0.001, 0.5)
+
+        image_embeds = self.visual_encoder(image)
+        image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image.device)
+        image_feat = F.normalize(self.vision_proj(image_embeds[:, 0, :]), dim=-1)
+        text_embeds = self.text_encoder.bert(ids, attention_mask=text_mask, mode="text").last_hidden_state
+        text_feat = F.normalize(self.text_proj(text_embeds[:, 0, :]), dim=-1)
+
+        # ---- momentum features and ITA targets
+        with torch.no_grad():
+            self._momentum_update()
+            image_embeds_m = self.visual_encoder_m(image)
+            image_feat_m = F.normalize(self.vision_proj_m(image_embeds_m[:, 0, :]), dim=-1)
+            image_feat_all = torch.cat([image_feat_m.t(), self.image_queue.clone().detach()], dim=1)
+            text_out_m = self.text_encoder_m.bert(ids, attention_mask=text_mask, mode="text")
+            text_feat_m = F.normalize(self.text_proj_m(text_out_m.last_hidden_state[:, 0, :]), dim=-1)
+            text_feat_all = torch.cat([text_feat_m.t(), self.text_queue.clone().detach()], dim=1)
+            sim_i2t_m = image_feat_m @ text_feat_all / self.temp
+            sim_t2i_m = text_feat_m @ image_feat_all / self.temp
+            sim_targets = torch.zeros_like(sim_i2t_m)
+            sim_targets.fill_diagonal_(1)
+            sim_i2t_targets = alpha * F.softmax(sim_i2t_m, dim=1) + (1 - alpha) * sim_targets
+            sim_t2i_targets = alpha * F.softmax(sim_t2i_m, dim=1) + (1 - alpha) * sim_targets
+
+        sim_i2t = image_feat @ text_feat_all / self.temp
+        sim_t2i = text_feat @ image_feat_all / self.temp
+        loss_i2t = -torch.sum(F.log_softmax(sim_i2t, dim=1) * sim_i2t_targets, dim=1).mean()
+        loss_t2i = -torch.sum(F.log_softmax(sim_t2i, dim=1) * sim_t2i_targets, dim=1).mean()
+        loss_ita = (loss_i2t + loss_t2i) / 2
+        self._dequeue_and_enqueue(image_feat_m, text_feat_m)
+        if return_intermediates:
+            inter.update(image_feat=image_feat, text_feat=text_feat, image_feat_m=image_feat_m,
+                         text_feat_m=text_feat_m, sim_i2t=sim_i2t, sim_t2i=sim_t2i,
+                         sim_i2t_targets=sim_i2t_targets, sim_t2i_targets=sim_t2i_targets)
+
+        # ---- ITM with hard negatives
+        output_pos = self.text_encoder.bert(ids, attention_mask=text_mask, encoder_hidden_states=image_embeds,
+                                            encoder_attention_mask=image_atts, mode="multimodal")
+        batch = image.shape[0]
+        with torch.no_grad():
+            weights_i2t = F.softmax(sim_i2t[:, :batch].float(), dim=1)
+            weights_t2i = F.softmax(sim_t2i[:, :batch].float(), dim=1)
+            weights_i2t.fill_diagonal_(0)
+            weights_t2i.fill_diagonal_(0)
+        neg_image_idx, neg_text_idx = self.sample_itm_negatives(weights_t2i, weights_i2t)
+        image_embeds_neg = image_embeds[neg_image_idx]
+        text_ids_neg, text_mask_neg = ids[neg_text_idx], text_mask[neg_text_idx]
+        output_neg = self.text_encoder.bert(
+            torch.cat([ids, text_ids_neg], dim=0), attention_mask=torch.cat([text_mask, text_mask_neg], dim=0),
+            encoder_hidden_states=torch.cat([image_embeds_neg, image_embeds], dim=0),
+            encoder_attention_mask=torch.cat([image_atts, image_atts], dim=0), mode="multimodal")
+        vl_embeddings = torch.cat([output_pos.last_hidden_state[:, 0, :], output_neg.last_hidden_state[:, 0, :]])
+        vl_output = self.itm_head(vl_embeddings)
+        itm_labels = torch.cat([torch.ones(batch, dtype=torch.long), torch.zeros(2 * batch, dtype=torch.long)]
+                               ).to(image.device)
+        loss_itm = F.cross_entropy(vl_output, itm_labels)
+        if return_intermediates:
+            inter.update(itm_logits=vl_output, itm_labels=itm_labels, itm_negative_text_ids=text_ids_neg,
+                         itm_negative_image_index=neg_image_idx, itm_negative_text_index=neg_text_idx)
+
+        # ---- MLM: masked text attending to the image
+        mlm_ids, mlm_labels = self.mask(ids)
+        with torch.no_grad():
+            logits_m = self.text_encoder_m(mlm_ids, attention_mask=text_mask, encoder_hidden_states=image_embeds_m,
+                                           encoder_attention_mask=image_atts, return_logits=True,
+                                           mode="multimodal")
+        loss_mlm = self.text_encoder(mlm_ids, attention_mask=text_mask, encoder_hidden_states=image_embeds,
+                                     encoder_attention_mask=image_atts, labels=mlm_labels,
+                                     soft_labels=F.softmax(logits_m, dim=-1), alpha=alpha, mode="multimodal").loss
+        if return_intermediates:
+            inter.update(mlm_input_ids=mlm_ids, mlm_labels=mlm_labels, mlm_teacher_logits=logits_m)
+
+        # ---- MIM: masked image patches (as BERT queries) attending to the caption's embeddings
+        with torch.no_grad():
+            masked_embeds_m = self.visual_encoder_m(image, masked_visual_token_pos)
+            cross_m = self.text_encoder_m.bert(inputs_embeds=masked_embeds_m, attention_mask=image_atts,
+                                               encoder_hidden_states=self.text_encoder.bert.embeddings(ids),
+                                               encoder_attention_mask=text_mask)
+            soft_labels_mim = F.softmax(self.mim_head_m(cross_m.last_hidden_state[:, 1:]), dim=-1)
+        masked_embeds = self.visual_encoder(image, masked_visual_token_pos)
+        cross = self.text_encoder.bert(inputs_embeds=masked_embeds, attention_mask=image_atts,
+                                       encoder_hidden_states=self.text_encoder.bert.embeddings(ids),
+                                       encoder_attention_mask=text_mask)
+        predicted_visual_tokens = self.mim_head(cross.last_hidden_state[:, 1:])
+        masked_pos = masked_visual_token_pos.flatten(1).bool()
+        loss_mim_hard = F.cross_entropy(predicted_visual_tokens[masked_pos], masked_visual_tok_labels)
+        mim_distill = -torch.sum(F.log_softmax(predicted_visual_tokens, dim=-1) * soft_labels_mim, dim=-1)
+        mim_distill = mim_distill[masked_pos].mean()
+        loss_mim = (1 - alpha) * loss_mim_hard + alpha * mim_distill
+        if return_intermediates:
+            inter.update(mim_loss_hard=loss_mim_hard, mim_loss_distill=mim_distill)
+
+        # ---- PSL: keywords from the momentum encoder's [CLS] attention as multi-label targets
+        with torch.no_grad():
+            salient = self.salient_tokens(ids, text_mask, image_embeds, image_atts)
+            hard_targets = torch.zeros(batch, self.vocab_size, device=image.device)
+            hard_targets.scatter_(1, salient, 1)
+            hard_targets[:, self.cls_token_id] = 0
+            soft_targets = torch.sigmoid(self.concept_head_m(image_feat_m))
+        predictions = self.concept_head(image_feat)
+        loss_psl_hard = F.binary_cross_entropy_with_logits(predictions, hard_targets)
+        loss_psl_soft = F.binary_cross_entropy_with_logits(predictions, soft_targets)
+        loss_pseudolabels = (1 - alpha) * loss_psl_hard + alpha * loss_psl_soft
+        if return_intermediates:
+            inter.update(most_salient_tokens=salient, concept_hard_targets=hard_targets,
+                         concept_soft_targets=soft_targets, pseudolabel_predictions=predictions,
+                         loss_pseudolabels_hard=loss_psl_hard, loss_pseudolabels_soft=loss_psl_soft)
+
+        losses = (loss_mlm, loss_ita, loss_itm, loss_mim, loss_pseudolabels)
+        return (*losses, inter) if return_intermediates else losses
+
+    @torch.no_grad()
+    def salient_tokens(self, ids: torch.Tensor, text_mask: torch.Tensor, image_embeds: torch.Tensor,
+                       image_atts: torch.Tensor) -> torch.Tensor:
+        """Token ids of the positions the momentum text encoder's [CLS] attends to most (B, keywords)."""
+        out = self.text_encoder_m.bert(ids, attention_mask=text_mask, encoder_hidden_states=image_embeds,
+                                       encoder_attention_mask=image_atts, mode="multimodal",
+                                       output_attentions=[self.psl_layer])
+        batch, length = ids.shape
+        cls_row = out.attentions[0][:, :, 0].reshape(-1, length)  # (B * heads, L)
+        keys = cls_row.topk(min(self.psl_keys_per_head, length), dim=-1).indices.view(batch, -1)
+        counts = torch.zeros(batch, length, dtype=keys.dtype, device=keys.device)
+        counts.scatter_add_(1, keys, torch.ones_like(keys))
+        positions = counts.topk(min(self.psl_num_keywords, length), dim=-1).indices
+        return torch.gather(ids, 1, positions)
+
+
+def build_for_manifest(config: Mapping[str, Any], vocab_size: int) -> SIMLA:
+    """The model as the original builds it for a state-dict manifest (no pretrained weights)."""
+    tokenizer = SimpleNamespace(vocab_size=vocab_size, cls_token_id=CLS_ID, pad_token_id=PAD_ID,
+                                mask_token_id=MASK_ID)
+    return SIMLA(tokenizer=tokenizer, config=dict(config, from_scratch=True))
