@@ -18,11 +18,22 @@ __all__ = [
 ]
 
 
+# dataset name -> (module, factory); each factory takes the config and returns what the original returns
+DATASET_FACTORIES: dict[str, tuple[str, str]] = {
+    "pretrain": ("dataset.pretrain", "create_pretrain_dataset"),
+    "re": ("dataset.retrieval", "create_retrieval_datasets"),
+    "vqa": ("dataset.vqa", "create_vqa_datasets"),
+    "nlvr": ("dataset.nlvr", "create_nlvr_datasets"),
+    "ve": ("dataset.ve", "create_ve_datasets"),
+    "grounding": ("dataset.grounding", "create_grounding_datasets"),
+}
+
+
 def create_dataset(name: str, config: Mapping[str, Any]):
     """Build the datasets of one task from its config, as the original ``create_dataset``."""
-    if name == "pretrain":
-        from dataset.pretrain import PretrainDataset
+    import importlib
 
-        return PretrainDataset(config["train_file"], PretrainViews(config), masking_generator_from_config(config),
-                               max_words=int(config.get("max_words", 30)))
-    raise ValueError(f"unknown dataset {name!r}")
+    if name not in DATASET_FACTORIES:
+        raise ValueError(f"unknown dataset {name!r}; expected one of {sorted(DATASET_FACTORIES)}")
+    module_name, factory = DATASET_FACTORIES[name]
+    return getattr(importlib.import_module(module_name), factory)(config)

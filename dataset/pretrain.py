@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -12,7 +12,9 @@ import torch
 from torch.utils.data import Dataset
 
 from dataset.annotations import as_file_list, load_annotations, open_rgb
+from dataset.masking import masking_generator_from_config
 from dataset.text import pre_caption
+from dataset.transforms import PretrainViews
 
 
 class PretrainDataset(Dataset):
@@ -47,3 +49,8 @@ class PretrainDataset(Dataset):
                           f"({exc.__class__.__name__}: {exc})", stacklevel=2)
             return None
         return image, caption, image_for_tokenization, masked
+
+
+def create_pretrain_dataset(config: Mapping[str, Any]) -> PretrainDataset:
+    return PretrainDataset(config["train_file"], PretrainViews(config), masking_generator_from_config(config),
+                           max_words=int(config.get("max_words", 30)))

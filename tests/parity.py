@@ -124,153 +124,31 @@ def compare_fixture(fx: dict, actual: dict, prefix: str) -> list[Result]:
 
 
 # --------------------------------------------------------------------------------------------------
-# fixture checks: each returns the actual outputs (same names as the fixture's ``outputs``)
+# fixture checks live in tests/parity_checks/<module>.py; each module exposes CHECKS = {fixture name: fn}
+# where fn(fixture) returns the actual outputs under the fixture's output names.
 
-FIXTURE_CHECKS: dict[str, Callable[[dict], dict]] = {}
-
-
-def fixture_check(name: str) -> Callable:
-    def register(fn: Callable[[dict], dict]) -> Callable[[dict], dict]:
-        FIXTURE_CHECKS[name] = fn
-        return fn
-    return register
+CHECK_MODULES = ("core", "pretrain", "retrieval", "vqa", "nlvr", "ve", "grounding")
 
 
-def fixture_tokenizer(fx: dict):
-    from models.tokenization import tokenizer_from_tokens
+def fixture_checks() -> dict[str, Callable[[dict], dict]]:
+    import importlib
 
-    return tokenizer_from_tokens(fx["vocab_tokens"])
-
-
-@fixture_check("vit")
-def check_vit(fx: dict) -> dict:
-    from models.vit import interpolate_pos_embed, vit_from_config
-
-    config = fx["config"]
-    inputs = fx["inputs"]
-    vit = vit_from_config(config)
-    vit.load_state_dict(fx["state_dict"], strict=True)
-    vit.eval()
-    with torch.no_grad():
-        out = {
-            "embeds": vit(inputs["image"]),
-            "embeds_masked": vit(inputs["image"], inputs["masked_patch_positions"]),
-            "embeds_register_blk_8": vit(inputs["image"], register_blk=inputs["register_blk"]),
-        }
-        bigger = vit_from_config(dict(config, image_res=inputs["interp_image_res"]))
-        out["interpolated_pos_embed"] = interpolate_pos_embed(fx["state_dict"]["pos_embed"], bigger)
-    if vit.blocks[inputs["register_blk"]].attn.get_attention_map() is None:
-        raise AssertionError("register_blk did not record the attention map")
-    return out
-
-
-@fixture_check("bert_modes")
-def check_bert_modes(fx: dict) -> dict:
-    from models.bert import BertForMaskedLM, load_bert_config
-
-    inputs = fx["inputs"]
-    tokenizer = fixture_tokenizer(fx)
-    encoded = tokenizer(list(inputs["captions"]), padding="longest", truncation=True, max_length=25,
-                        return_tensors="pt")
-    if not (torch.equal(encoded.input_ids, inputs["text_input_ids"])
-            and torch.equal(encoded.attention_mask, inputs["text_attention_mask"])):
-        raise AssertionError("tokenizer ids differ from the fixture's text_input_ids")
-    model = BertForMaskedLM(load_bert_config(fx["bert_config"]))
-    model.load_state_dict(fx["state_dict"], strict=True)
-    model.eval()
-    ids, mask = inputs["text_input_ids"], inputs["text_attention_mask"]
-    image_embeds, image_atts = inputs["image_embeds"], inputs["image_atts"]
-    with torch.no_grad():
-        text = model.bert(ids, mask, mode="text", output_attentions=True)
-        multi = model.bert(ids, mask, encoder_hidden_states=image_embeds, encoder_attention_mask=image_atts,
-                           mode="multimodal", output_attentions=True)
-        text_embeds = model.bert.embeddings(ids)
-        as_input = model.bert(inputs_embeds=inputs["patch_embeds"], attention_mask=image_atts,
-                              encoder_hidden_states=text_embeds, encoder_attention_mask=mask)
-        mlm_args = dict(encoder_hidden_states=image_embeds, encoder_attention_mask=image_atts, mode="multimodal")
-        logits = model(inputs["mlm_input_ids"], mask, return_logits=True, **mlm_args)
-        hard = model(inputs["mlm_input_ids"], mask, labels=inputs["mlm_labels"], **mlm_args).loss
-        distill = model(inputs["mlm_input_ids"], mask, labels=inputs["mlm_labels"],
-                        soft_labels=inputs["soft_labels"], alpha=inputs["alpha"], **mlm_args).loss
-    return {
-        "last_hidden_state_text": text.last_hidden_state,
-        "last_hidden_state_multimodal": multi.last_hidden_state,
-        "text_embedding_output": text_embeds,
-        "last_hidden_state_image_as_input": as_input.last_hidden_state,
-        "attentions_multimodal": torch.stack(multi.attentions),
-        "cross_attentions_multimodal": torch.stack(multi.cross_attentions),
-        "attentions_text": torch.stack(text.attentions),
-        "mlm_logits": logits,
-        "mlm_loss_hard": hard.item(),
-        "mlm_loss_distill": distill.item(),
-    }
-
-
-def grad_outputs(model: torch.nn.Module, full_grad_names) -> dict:
-    """Per-parameter gradient norms (float64), the total norm, selected full gradients and the
-    trainable parameters that received no gradient."""
-    norms, missing = {}, []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
+    checks: dict[str, Callable[[dict], dict]] = {}
+    for name in CHECK_MODULES:
+        try:
+            module = importlib.import_module(f"tests.parity_checks.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"tests.parity_checks.{name}":
+                raise
             continue
-        if param.grad is None:
-            missing.append(name)
-            continue
-        norms[name] = float(param.grad.double().norm())
-    params = dict(model.named_parameters())
-    return {
-        "grad_norms": norms,
-        "total_grad_norm": math.sqrt(sum(v * v for v in norms.values())),
-        "full_grads": {name: params[name].grad for name in full_grad_names if params[name].grad is not None},
-        "params_without_grad": missing,
-    }
-
-
-def fixture_config(fx: dict) -> dict:
-    """The fixture's task config with its BERT config given inline (no file needed)."""
-    return dict(fx["config"], bert_config=dict(fx["bert_config"]))
-
-
-@fixture_check("pretrain")
-def check_pretrain(fx: dict) -> dict:
-    from models.simla.pretrain import SIMLA
-
-    inputs = fx["inputs"]
-    tokenizer = fixture_tokenizer(fx)
-    encoded = tokenizer(list(inputs["captions"]), padding="longest", truncation=True, max_length=25,
-                        return_tensors="pt")
-    if not torch.equal(encoded.input_ids, inputs["text_input_ids"]):
-        raise AssertionError("tokenizer ids differ from the fixture's text_input_ids")
-    model = SIMLA(tokenizer=tokenizer, config=dict(fixture_config(fx), from_scratch=True))
-    model.load_state_dict(fx["state_dict"], strict=True)
-    model.eval()
-    # the masking draw of the recorded run is injected
-    model.mask = lambda ids: (inputs["mlm_input_ids"].clone(), inputs["mlm_labels"].clone())
-    text = encoded
-    losses = model(inputs["image"], text, visual_token_ids=inputs["visual_token_ids"],
-                   masked_visual_token_pos=inputs["masked_visual_token_pos"],
-                   masked_visual_tok_labels=inputs["masked_visual_tok_labels"], alpha=inputs["alpha"],
-                   return_intermediates=True)
-    loss_mlm, loss_ita, loss_itm, loss_mim, loss_pseudo, inter = losses
-    total = loss_mlm + loss_itm + loss_ita + loss_mim + loss_pseudo
-    state = model.state_dict()
-    out = {
-        "loss_mlm": loss_mlm.item(), "loss_ita": loss_ita.item(), "loss_itm": loss_itm.item(),
-        "loss_mim": loss_mim.item(), "loss_pseudo": loss_pseudo.item(), "total_loss": total.item(),
-        "image_queue_after": state["image_queue"].clone(), "text_queue_after": state["text_queue"].clone(),
-        "queue_ptr_after": state["queue_ptr"].clone(),
-        "momentum_params_after": {k: state[k].clone() for k in fx["outputs"]["momentum_params_after"]},
-        "intermediates": {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in inter.items()},
-    }
-    total.backward()
-    out.update(grad_outputs(model, fx["outputs"]["full_grads"]))
-    return out
+        checks.update(module.CHECKS)
+    return checks
 
 
 def run_fixture(path: str) -> list[Result]:
     fx = torch.load(path, map_location="cpu", weights_only=True)
     name = fx.get("name") or os.path.splitext(os.path.basename(path))[0]
-    check = FIXTURE_CHECKS.get(name)
+    check = fixture_checks().get(name)
     if check is None:
         return [Result(name, None, None, f"no check for fixture kind {name!r} in this checkout")]
     try:

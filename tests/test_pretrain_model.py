@@ -1,0 +1,237 @@
+"""The pretraining model's pieces: masking, momentum, queues, keyword targets, optimizer groups, data."""
+
+from __future__ import annotations
+
+import json
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+from PIL import Image
+
+from dataset.annotations import AnnotationError
+from dataset.pretrain import PretrainDataset
+from models.simla.pretrain import SIMLA, mask_tokens
+from models.tokenization import tokenizer_from_tokens
+from optim import create_optimizer
+
+PARITY = os.path.join(os.path.dirname(__file__), "data", "parity")
+
+
+@pytest.fixture(scope="module")
+def fixture():
+    return torch.load(os.path.join(PARITY, "fixtures", "pretrain.pt"), weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(fixture):
+    torch.manual_seed(0)
+    tokenizer = tokenizer_from_tokens(fixture["vocab_tokens"])
+    config = dict(fixture["config"], bert_config=fixture["bert_config"], from_scratch=True)
+    return SIMLA(tokenizer=tokenizer, config=config)
+
+
+def test_mask_tokens_statistics_and_protected_tokens():
+    torch.manual_seed(0)
+    ids = torch.randint(104, 515, (400, 250))
+    ids[:, 0] = 101
+    ids[:, -20:] = 0
+    masked_ids, labels = mask_tokens(ids, 515, 0.15)
+    selected = labels != -100
+    eligible = (ids != 0) & (ids != 101)
+    assert not selected[~eligible].any()
+    rate = selected.sum().item() / eligible.sum().item()
+    assert 0.14 < rate < 0.16
+    assert torch.equal(labels[selected], ids[selected])
+    as_mask = (masked_ids == 103) & selected
+    unchanged = (masked_ids == ids) & selected
+    assert 0.78 < as_mask.sum().item() / selected.sum().item() < 0.82
+    assert 0.08 < unchanged.sum().item() / selected.sum().item() < 0.12
+    assert torch.equal(masked_ids[~selected], ids[~selected])
+
+
+def test_mask_tokens_draw_order_matches_the_original():
+    """bernoulli(p), bernoulli(0.8), bernoulli(0.5), randint, all over the full shape on the CPU."""
+    ids = torch.tensor([[101, 150, 151, 152, 153, 154, 0, 0]] * 3)
+    torch.manual_seed(7)
+    got_ids, got_labels = mask_tokens(ids, 515, 0.5)
+    torch.manual_seed(7)
+    shape = ids.shape
+    masked = torch.bernoulli(torch.full(shape, 0.5)).bool() & (ids != 0) & (ids != 101)
+    replaced = torch.bernoulli(torch.full(shape, 0.8)).bool() & masked
+    randomised = torch.bernoulli(torch.full(shape, 0.5)).bool() & masked & ~replaced
+    words = torch.randint(515, shape, dtype=torch.long)
+    want = ids.clone()
+    want[replaced] = 103
+    want[randomised] = words[randomised]
+    assert torch.equal(got_ids, want)
+    assert torch.equal(got_labels, torch.where(masked, ids, torch.full_like(ids, -100)))
+
+
+def test_momentum_update_formula(tiny_model):
+    model = tiny_model
+    online = model.vision_proj.weight.detach().clone()
+    before = model.vision_proj_m.weight.detach().clone() + 1.0
+    with torch.no_grad():
+        model.vision_proj_m.weight.copy_(before)
+    model._momentum_update()
+    expected = before * 0.995 + online * (1 - 0.995)
+    torch.testing.assert_close(model.vision_proj_m.weight.detach(), expected)
+    assert not model.vision_proj_m.weight.requires_grad
+    model.copy_params()
+    torch.testing.assert_close(model.vision_proj_m.weight, model.vision_proj.weight)
+    tied_m = model.text_encoder_m.cls.predictions.decoder.weight
+    assert tied_m is model.text_encoder_m.bert.embeddings.word_embeddings.weight
+
+
+def test_queue_enqueue_wraps_and_checks_batch(tiny_model):
+    model = tiny_model
+    model.queue_ptr.zero_()
+    feats_i = torch.nn.functional.normalize(torch.randn(4, 16), dim=1)
+    feats_t = torch.nn.functional.normalize(torch.randn(4, 16), dim=1)
+    model._dequeue_and_enqueue(feats_i, feats_t)
+    assert int(model.queue_ptr) == 4
+    torch.testing.assert_close(model.image_queue[:, :4], feats_i.T)
+    model._dequeue_and_enqueue(feats_i, feats_t)
+    assert int(model.queue_ptr) == 0
+    torch.testing.assert_close(model.text_queue[:, 4:8], feats_t.T)
+    with pytest.raises(ValueError, match="multiple of the global batch size 3"):
+        model._dequeue_and_enqueue(feats_i[:3], feats_t[:3])
+
+
+def test_initial_queues_are_unit_columns(tiny_model):
+    fresh = SIMLA(tokenizer=tiny_model.tokenizer, config=dict(
+        embed_dim=16, queue_size=8, image_res=64, vision_width=32, vision_depth=1, vision_heads=4, temp=0.07,
+        momentum=0.995, mlm_probability=0.15, bert_config=dict(tiny_model.text_encoder.config.to_dict(),
+                                                                num_hidden_layers=1), from_scratch=True))
+    torch.testing.assert_close(fresh.image_queue.norm(dim=0), torch.ones(8))
+    assert fresh.queue_ptr.tolist() == [0]
+    assert fresh.psl_layer == 0
+
+
+def test_keyword_tie_order_follows_torch_topk(tiny_model):
+    """The counts of the original's worked example select positions [1, 5, 2, 4, 3]."""
+    counts = torch.tensor([[1, 3, 2, 1, 2, 3, 1, 1, 1, 1, 0]])
+    assert counts.topk(5, dim=-1).indices.tolist() == [[1, 5, 2, 4, 3]]
+    model = tiny_model.eval()
+    ids = torch.tensor([[101, 151, 167, 329, 151, 186, 296, 153, 231, 0, 0]])
+    mask = (ids != 0).long()
+    image_embeds = torch.randn(1, 17, 32)
+    salient = model.salient_tokens(ids, mask, image_embeds, torch.ones(1, 17, dtype=torch.long))
+    assert salient.shape == (1, 5)
+    assert set(salient.flatten().tolist()) <= set(ids.flatten().tolist())
+
+
+def test_itm_negatives_never_the_positive(tiny_model):
+    torch.manual_seed(0)
+    weights = torch.softmax(torch.randn(6, 6), dim=1)
+    weights.fill_diagonal_(0)
+    for _ in range(20):
+        neg_images, neg_texts = tiny_model.sample_itm_negatives(weights, weights)
+        assert neg_images.shape == (6,)
+        assert not torch.any(neg_images == torch.arange(6))
+        assert not torch.any(neg_texts == torch.arange(6))
+
+
+def test_optimizer_groups_match_the_original(tiny_model):
+    optimizer = create_optimizer({"opt": "adamW", "lr": 1e-4, "weight_decay": 0.02}, tiny_model)
+    no_decay, decay = optimizer.param_groups
+    assert (len(no_decay["params"]), len(decay["params"])) == (302, 181)
+    names = {id(p): n for n, p in tiny_model.named_parameters()}
+    assert names[id(no_decay["params"][0])] == "visual_encoder.patch_embed.proj.bias"
+    assert names[id(decay["params"][0])] == "temp"
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert {"visual_encoder.pos_embed", "visual_encoder.cls_token", "visual_encoder.mask_token"} <= decayed
+    assert isinstance(optimizer, torch.optim.AdamW)
+
+
+def _forward(model, fixture, **kwargs):
+    inputs = fixture["inputs"]
+    text = SimpleNamespace(input_ids=inputs["text_input_ids"], attention_mask=inputs["text_attention_mask"])
+    model.mask = lambda ids: (inputs["mlm_input_ids"].clone(), inputs["mlm_labels"].clone())
+    return model(inputs["image"], text, masked_visual_token_pos=inputs["masked_visual_token_pos"],
+                 masked_visual_tok_labels=inputs["masked_visual_tok_labels"], alpha=inputs["alpha"], **kwargs)
+
+
+def _fixture_model(fixture, **extra):
+    tokenizer = tokenizer_from_tokens(fixture["vocab_tokens"])
+    config = dict(fixture["config"], bert_config=fixture["bert_config"], from_scratch=True, **extra)
+    model = SIMLA(tokenizer=tokenizer, config=config)
+    model.load_state_dict(fixture["state_dict"])
+    return model.eval()
+
+
+def test_distill_softmax_dim_flag_changes_only_mlm(fixture):
+    original = _forward(_fixture_model(fixture), fixture)
+    fixed = _forward(_fixture_model(fixture, distill_softmax_dim=-1), fixture)
+    assert abs(original[0].item() - fixture["outputs"]["loss_mlm"]) < 1e-4
+    assert abs(fixed[0].item() - original[0].item()) > 1e-2
+    for a, b in zip(original[1:], fixed[1:]):
+        torch.testing.assert_close(a, b)
+
+
+def test_grad_checkpointing_gives_the_same_gradients(fixture):
+    def grads(**extra):
+        model = _fixture_model(fixture, **extra).train()
+        for module in model.modules():  # every dropout off: the two runs must be deterministic
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+            if hasattr(module, "dropout_prob"):
+                module.dropout_prob = 0.0
+        sum(_forward(model, fixture)).backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    plain, checkpointed = grads(), grads(grad_checkpointing=True)
+    assert plain.keys() == checkpointed.keys() and len(plain) == 483
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-5, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+class _Views:
+    def __call__(self, img):
+        return torch.zeros(3, 8, 8), torch.zeros(3, 4, 4)
+
+
+def _write(path, obj):
+    path.write_text(json.dumps(obj))
+    return str(path)
+
+
+def test_pretrain_dataset_reads_lists_and_strings(tmp_path):
+    image = tmp_path / "a.png"
+    Image.new("RGB", (8, 8), "red").save(image)
+    ann = _write(tmp_path / "ann.json", [{"image": str(image), "caption": ["A Red, square!", "red"]},
+                                         {"image": str(image), "caption": "Two-dogs"}])
+    dataset = PretrainDataset([ann, ann], _Views(), lambda: torch.zeros(2, 2).numpy())
+    assert len(dataset) == 4
+    sample = dataset[1]
+    assert sample[1] == "two dogs" and sample[0].shape == (3, 8, 8)
+    assert dataset[0][1] in {"a red square", "red"}
+
+
+def test_pretrain_dataset_unreadable_image_is_none_with_warning(tmp_path):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not an image")
+    ann = _write(tmp_path / "ann.json", [{"image": str(bad), "caption": "x"},
+                                         {"image": str(tmp_path / "missing.png"), "caption": "y"}])
+    dataset = PretrainDataset(ann, _Views(), lambda: None)
+    with pytest.warns(UserWarning, match="broken.jpg"):
+        assert dataset[0] is None
+    with pytest.warns(UserWarning, match="missing.png"):
+        assert dataset[1] is None
+
+
+def test_pretrain_dataset_annotation_errors(tmp_path):
+    broken = tmp_path / "broken.json"
+    broken.write_text('[{"image": "a.png", "caption": "x"},\n {"image": }]')
+    with pytest.raises(AnnotationError, match=r"broken.json: malformed JSON at line 2, column 12"):
+        PretrainDataset([str(broken)], _Views(), lambda: None)
+    missing_field = _write(tmp_path / "nofield.json", [{"image": "a.png", "caption": "x"}, {"image": "b.png"}])
+    with pytest.raises(AnnotationError, match=r"nofield.json: entry 1 has no field 'caption'"):
+        PretrainDataset([missing_field], _Views(), lambda: None)
+    with pytest.raises(FileNotFoundError, match="nowhere.json"):
+        PretrainDataset([str(tmp_path / "nowhere.json")], _Views(), lambda: None)
