@@ -70,6 +70,9 @@ COMMON_OPTIONAL: dict[str, Any] = {
     "randaugment_fix_autocontrast": False,
     "deit_weights": None,
     "max_words": 30,
+    # random initialisation instead of the DeiT / BERT downloads (demo and tests; a checkpoint then
+    # supplies the weights)
+    "from_scratch": False,
 }
 
 SECTION_SCHEMAS: dict[str, SectionSchema] = {
