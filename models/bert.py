@@ -414,6 +414,8 @@ class BertForMaskedLM(_BertWithHead):
                 soft_labels: torch.Tensor | None = None, alpha: float = 0.0, return_logits: bool = False,
                 output_attentions: bool = False, is_decoder: bool = False, mode: str = "multimodal",
                 ) -> LMOutput | torch.Tensor:
+        """Masked-LM loss on ``labels`` (-100 = no loss), distilled towards ``soft_labels`` with weight
+        ``alpha``; ``soft_labels`` are (B, L, V) or only the rows of the labelled positions (M, V)."""
         out = self.bert(input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
                         encoder_hidden_states=encoder_hidden_states,
                         encoder_attention_mask=encoder_attention_mask, output_attentions=output_attentions,
@@ -425,8 +427,11 @@ class BertForMaskedLM(_BertWithHead):
         if labels is not None:
             loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1))
             if soft_labels is not None:
-                distill = soft_label_cross_entropy(logits, soft_labels, self.distill_softmax_dim)
-                distill = distill[labels != -100].mean()
+                selected = labels != -100
+                log_probs = F.log_softmax(logits, dim=self.distill_softmax_dim)[selected]
+                # soft labels may be given for every position (B, L, V) or only the labelled ones (M, V)
+                targets = soft_labels[selected] if soft_labels.dim() == 3 else soft_labels
+                distill = -torch.sum(log_probs * targets, dim=-1).mean()
                 loss = (1 - alpha) * loss + alpha * distill
         return LMOutput(loss=loss, logits=logits, last_hidden_state=out.last_hidden_state,
                         attentions=out.attentions, cross_attentions=out.cross_attentions)

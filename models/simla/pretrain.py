@@ -209,32 +209,35 @@ class SIMLA(MomentumMixin, nn.Module):
 
         # ---- MLM: masked text attending to the image
         mlm_ids, mlm_labels = self.mask(ids)
+        selected = mlm_labels != -100
         with torch.no_grad():
-            logits_m = self.text_encoder_m(mlm_ids, attention_mask=text_mask, encoder_hidden_states=image_embeds_m,
-                                           encoder_attention_mask=image_atts, return_logits=True,
-                                           mode="multimodal")
+            hidden_m = self.text_encoder_m.bert(mlm_ids, attention_mask=text_mask, encoder_hidden_states=image_embeds_m,
+                                                encoder_attention_mask=image_atts, mode="multimodal").last_hidden_state
+            # the teacher's distribution is only read at the masked positions
+            soft_labels_mlm = F.softmax(self.text_encoder_m.cls(hidden_m[selected]), dim=-1)
         loss_mlm = self.text_encoder(mlm_ids, attention_mask=text_mask, encoder_hidden_states=image_embeds,
                                      encoder_attention_mask=image_atts, labels=mlm_labels,
-                                     soft_labels=F.softmax(logits_m, dim=-1), alpha=alpha, mode="multimodal").loss
+                                     soft_labels=soft_labels_mlm, alpha=alpha, mode="multimodal").loss
         if return_intermediates:
-            inter.update(mlm_input_ids=mlm_ids, mlm_labels=mlm_labels, mlm_teacher_logits=logits_m)
+            inter.update(mlm_input_ids=mlm_ids, mlm_labels=mlm_labels,
+                         mlm_teacher_logits=self.text_encoder_m.cls(hidden_m).detach())
 
         # ---- MIM: masked image patches (as BERT queries) attending to the caption's embeddings
+        masked_pos = masked_visual_token_pos.flatten(1).bool()
         with torch.no_grad():
             masked_embeds_m = self.visual_encoder_m(image, masked_visual_token_pos)
             cross_m = self.text_encoder_m.bert(inputs_embeds=masked_embeds_m, attention_mask=image_atts,
                                                encoder_hidden_states=self.text_encoder.bert.embeddings(ids),
                                                encoder_attention_mask=text_mask)
-            soft_labels_mim = F.softmax(self.mim_head_m(cross_m.last_hidden_state[:, 1:]), dim=-1)
+            # both MIM terms only read the masked patches: the heads run on those rows alone
+            soft_labels_mim = F.softmax(self.mim_head_m(cross_m.last_hidden_state[:, 1:][masked_pos]), dim=-1)
         masked_embeds = self.visual_encoder(image, masked_visual_token_pos)
         cross = self.text_encoder.bert(inputs_embeds=masked_embeds, attention_mask=image_atts,
                                        encoder_hidden_states=self.text_encoder.bert.embeddings(ids),
                                        encoder_attention_mask=text_mask)
-        predicted_visual_tokens = self.mim_head(cross.last_hidden_state[:, 1:])
-        masked_pos = masked_visual_token_pos.flatten(1).bool()
-        loss_mim_hard = F.cross_entropy(predicted_visual_tokens[masked_pos], masked_visual_tok_labels)
-        mim_distill = -torch.sum(F.log_softmax(predicted_visual_tokens, dim=-1) * soft_labels_mim, dim=-1)
-        mim_distill = mim_distill[masked_pos].mean()
+        predicted_visual_tokens = self.mim_head(cross.last_hidden_state[:, 1:][masked_pos])
+        loss_mim_hard = F.cross_entropy(predicted_visual_tokens, masked_visual_tok_labels)
+        mim_distill = -torch.sum(F.log_softmax(predicted_visual_tokens, dim=-1) * soft_labels_mim, dim=-1).mean()
         loss_mim = (1 - alpha) * loss_mim_hard + alpha * mim_distill
         if return_intermediates:
             inter.update(mim_loss_hard=loss_mim_hard, mim_loss_distill=mim_distill)

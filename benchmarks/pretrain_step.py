@@ -1,0 +1,173 @@
+"""Time one SIMLA pretraining step (forward of all five losses, backward, AdamW step).
+
+python benchmarks/pretrain_step.py --preset small [--device cpu] [--amp none|bf16|fp16]
+    [--grad_checkpointing] [--compile] [--batch_size 4] [--steps 5] [--json out.json]
+
+Presets: ``tiny`` (the parity-fixture shape), ``small`` (ViT 256 wide x 6 at 128 px, 6-layer BERT
+256 wide with the 30522-token vocabulary) and ``base`` (the shipped Pretrain.yaml model, batch 2,
+queue 1024). Prints median seconds per step, samples per second, peak memory (process RSS on CPU,
+max allocated on GPU; also the part above the RSS right after imports) and, on GPU, model FLOPs
+utilisation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+from types import SimpleNamespace
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
+
+import torch  # noqa: E402
+
+from dataset.masking import MaskingGenerator  # noqa: E402
+from engine.precision import autocast, grad_scaler  # noqa: E402
+from models.simla.pretrain import SIMLA  # noqa: E402
+from optim import create_optimizer  # noqa: E402
+
+PARITY_CONFIGS = os.path.join(REPO_ROOT, "tests", "data", "parity", "configs")
+
+COMMON = {"temp": 0.07, "momentum": 0.995, "alpha": 0.4, "mlm_probability": 0.15, "from_scratch": True}
+PRESETS = {
+    "tiny": dict(COMMON, image_res=64, vision_width=32, vision_depth=12, vision_heads=4, patch_size=16,
+                 embed_dim=16, queue_size=8, bert_config=os.path.join(PARITY_CONFIGS, "tiny_shared_bert.json"),
+                 vocab_size=515, batch_size=4, mask_patches=5, mask_min=2),
+    "small": dict(COMMON, image_res=128, vision_width=256, vision_depth=6, vision_heads=4, patch_size=16,
+                  embed_dim=256, queue_size=64, bert_config=os.path.join(REPO_ROOT, "configs", "bench_small_bert.json"),
+                  vocab_size=30522, batch_size=4, mask_patches=19, mask_min=4),
+    "base": dict(COMMON, image_res=256, vision_width=768, embed_dim=256, queue_size=1024,
+                 bert_config=os.path.join(REPO_ROOT, "configs", "shared_bert.json"), vocab_size=30522, batch_size=2,
+                 mask_patches=75, mask_min=16),
+}
+
+
+def rss_mb() -> float:
+    """Current resident set size in MB (Linux /proc)."""
+    with open("/proc/self/statm") as handle:
+        pages = int(handle.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def make_batch(preset: dict, batch_size: int, device: torch.device, generator: torch.Generator):
+    res, patch = preset["image_res"], preset.get("patch_size", 16)
+    grid = res // patch
+    image = torch.randn(batch_size, 3, res, res, generator=generator)
+    lengths = torch.randint(9, 14, (batch_size,), generator=generator)
+    length = int(lengths.max())
+    ids = torch.randint(1000, preset["vocab_size"], (batch_size, length), generator=generator)
+    ids[:, 0] = 101
+    mask = (torch.arange(length)[None, :] < lengths[:, None]).long()
+    ids = ids * mask
+    masker = MaskingGenerator(grid, preset["mask_patches"], min_num_patches=preset["mask_min"])
+    masked = torch.stack([torch.from_numpy(masker()) for _ in range(batch_size)]).flatten(1).bool()
+    codes = torch.randint(0, 8192, (batch_size, grid * grid), generator=generator)
+    text = SimpleNamespace(input_ids=ids.to(device), attention_mask=mask.to(device))
+    return image.to(device), text, codes.to(device), masked.to(device)
+
+
+def model_flops_per_step(model: SIMLA, batch: int, text_len: int, patches: int) -> float:
+    """Rough matmul FLOPs of one step (forward x3 for backward): 2 * params * tokens for each pass."""
+    vit = sum(p.numel() for p in model.visual_encoder.parameters())
+    bert = sum(p.numel() for p in model.text_encoder.bert.encoder.parameters())
+    img_tokens = patches + 1
+    # online: ViT x2 (plain + masked), BERT text + 3 fusion passes (pos, 2B neg) + MLM + MIM (image queries)
+    online = 2 * vit * img_tokens * 2 + 2 * bert * text_len * (1 + 1 + 2 + 1) + 2 * bert * img_tokens
+    momentum = 2 * vit * img_tokens * 2 + 2 * bert * text_len * 3 + 2 * bert * img_tokens
+    return batch * (3 * online + momentum)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="small")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
+    parser.add_argument("--grad_checkpointing", action="store_true")
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--batch_size", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (default 5, base 3)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    after_imports = rss_mb()
+    preset = dict(PRESETS[args.preset])
+    batch_size = args.batch_size or preset["batch_size"]
+    steps = args.steps or (3 if args.preset == "base" else 5)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    torch.manual_seed(0)
+    tokenizer = SimpleNamespace(vocab_size=preset["vocab_size"], cls_token_id=101, pad_token_id=0, mask_token_id=103)
+    config = dict(preset, grad_checkpointing=args.grad_checkpointing)
+    model = SIMLA(tokenizer=tokenizer, config=config).to(device).train()
+    optimizer = create_optimizer({"opt": "adamW", "lr": 1e-4, "weight_decay": 0.02}, model)
+    scaler = grad_scaler(device, args.amp)
+    forward = torch.compile(model) if args.compile else model
+    generator = torch.Generator().manual_seed(0)
+    batch = make_batch(preset, batch_size, device, generator)
+    image, text, codes, masked = batch
+    labels = codes[masked]
+
+    def step() -> float:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(device, args.amp):
+            losses = forward(image, text, visual_token_ids=codes, masked_visual_token_pos=masked,
+                             masked_visual_tok_labels=labels, alpha=0.4)
+        total = sum(losses)
+        scaler.scale(total).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        return float(total.detach())
+
+    for _ in range(args.warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    median = statistics.median(times)
+    params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    result = {
+        "what": "pretraining step", "preset": args.preset, "device": str(device), "amp": args.amp,
+        "grad_checkpointing": args.grad_checkpointing, "compile": args.compile, "batch_size": batch_size,
+        "params_millions": round(params / 1e6, 2), "threads": torch.get_num_threads(),
+        "median_s_per_step": round(median, 4), "samples_per_s": round(batch_size / median, 2),
+        "steps": [round(t, 4) for t in times],
+    }
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**20
+        result["peak_gpu_mb"] = round(peak, 1)
+        flops = model_flops_per_step(model, batch_size, text.input_ids.shape[1], (preset["image_res"] // 16) ** 2)
+        dtype_peak = {"none": 67e12, "bf16": 989e12, "fp16": 989e12}[args.amp]  # H100 SXM dense
+        result["model_tflops_per_s"] = round(flops / median / 1e12, 2)
+        result["mfu_vs_h100_peak"] = round(flops / median / dtype_peak, 4)
+    result["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    result["rss_after_imports_mb"] = round(after_imports, 1)
+    result["peak_rss_above_imports_mb"] = round(peak_rss_mb() - after_imports, 1)
+    print(json.dumps(result, indent=2))
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(result, handle, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()
