@@ -24,6 +24,7 @@ from engine.checkpoint import (
     save_training_checkpoint,
 )
 from engine.cli import base_parser
+from engine.consistency import check_replicas_agree
 from engine.loop import EpochSettings, train_one_epoch
 from engine.precision import grad_scaler
 from engine.runtime import RunContext, setup_run, wrap_ddp
@@ -130,6 +131,10 @@ def main(args: argparse.Namespace) -> None:
             log_stats["epoch"] = epoch
             append_log(args.output_dir, log_stats)
         barrier()
+    # every process must end with the same weights, buffers and queues as the saved checkpoint
+    fingerprint = check_replicas_agree(model_without_ddp)
+    agreement = f" (identical on all {get_world_size()} processes)" if get_world_size() > 1 else ""
+    print(f"Model state fingerprint: {fingerprint}{agreement}")
     tracker.close()
     print(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
 
