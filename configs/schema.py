@@ -132,7 +132,11 @@ TASK_SCHEMAS: dict[str, TaskSchema] = {
             "batch_size_train", "batch_size_test", "queue_size", "momentum", "vision_width",
             "embed_dim", "temp", "k_test", "alpha", "warm_up", "mlm_probability", *_SECTIONS,
         ),
-        optional={"freeze_visual_encoder": False, "distill": None, "save_sims": None},
+        optional={
+            "freeze_visual_encoder": False, "distill": None, "save_sims": None,
+            # options beyond the original (defaults keep its behaviour)
+            "enqueue_idx": False, "itm_eval_batch_size": 256,
+        },
     ),
     "grounding": TaskSchema(
         required=(
@@ -140,7 +144,13 @@ TASK_SCHEMAS: dict[str, TaskSchema] = {
             "bert_config", "image_res", "batch_size", "queue_size", "momentum", "vision_width",
             "embed_dim", "temp", "alpha", "warm_up", "mlm_probability", *_SECTIONS,
         ),
-        optional={"distill": None},
+        optional={
+            "distill": None,
+            # options beyond the original (defaults keep its behaviour): writing image ids into the
+            # retrieval model's idx_queue; choosing the best-scoring detection box when no box has a
+            # positive Grad-CAM score (the original reuses the previous expression's box)
+            "enqueue_idx": False, "grounding_skip_empty_fix": False,
+        },
     ),
     "vqa": TaskSchema(
         required=(
@@ -148,19 +158,30 @@ TASK_SCHEMAS: dict[str, TaskSchema] = {
             "batch_size_train", "batch_size_test", "k_test", "alpha", "distill", "warm_up", "eos",
             "bert_config", *_SECTIONS,
         ),
+        # options beyond the original (defaults keep its behaviour): answer-decoder depth (its layers
+        # come from the last encoder layers of a pretraining checkpoint), passing alpha to the decoder's
+        # distillation (the original does not), the distillation log-softmax axis
+        optional={"decoder_depth": 6, "vqa_distill_alpha": False, "distill_softmax_dim": 1},
     ),
     "nlvr": TaskSchema(
         required=(
             "train_file", "val_file", "test_file", "image_root", "image_res", "batch_size",
             "bert_config", "alpha", "distill", "warm_up", *_SECTIONS,
         ),
-        optional={"eval_ema": None},
+        optional={
+            "eval_ema": None,
+            # options beyond the original (defaults keep its behaviour): NLVR text-encoder depth and the
+            # first layer of the cross-attention-sharing pairs; copying the momentum models after
+            # loading --checkpoint instead of before
+            "nlvr_num_layers": 18, "nlvr_split_layer": 6, "copy_momentum_after_load": False,
+        },
     ),
     "nlvr_pretrain": TaskSchema(
         required=(
             "train_file", "bert_config", "image_res", "vision_width", "embed_dim", "batch_size",
             *_SECTIONS,
         ),
+        optional={"nlvr_num_layers": 18, "nlvr_split_layer": 6},
     ),
     "ve": TaskSchema(
         required=(

@@ -90,6 +90,19 @@ def compare_value(name: str, actual: Any, expected: Any, tol: dict, exact: bool)
         ok = math.isclose(actual_f, expected, rel_tol=tol["rtol"], abs_tol=tol["atol"])
         yield Result(name, err, ok)
         return
+    if isinstance(expected, (list, tuple)) and any(isinstance(e, (torch.Tensor, dict, float)) for e in expected):
+        # element by element, each with the output's tolerance (e.g. maps of different sizes)
+        if not isinstance(actual, (list, tuple)) or len(actual) != len(expected):
+            got = len(actual) if isinstance(actual, (list, tuple)) else type(actual).__name__
+            yield Result(name, None, False, f"expected a list of {len(expected)}, got {got}")
+            return
+        parts = [r for i, (a, e) in enumerate(zip(actual, expected))
+                 for r in compare_value(f"{name}[{i}]", a, e, tol, exact)]
+        errors = [r.error for r in parts if r.error is not None]
+        failed = [r for r in parts if not r.passed]
+        yield Result(name, max(errors) if errors else None, not failed,
+                     "; ".join(f"{r.name}: {r.detail or 'mismatch'}" for r in failed[:3]))
+        return
     if isinstance(actual, torch.Tensor):
         actual = actual.tolist() if actual.dim() else actual.item()
     if isinstance(expected, (list, tuple)):

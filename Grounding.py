@@ -1,0 +1,160 @@
+"""SIMLA weakly supervised visual grounding on RefCOCO+: fine-tune ITA + ITM on (image, referring
+expression) pairs, then rank the detector boxes of each test expression with a Grad-CAM map.
+
+python -m torch.distributed.launch --nproc_per_node=8 --use_env Grounding.py --config ./configs/Grounding.yaml \
+    --output_dir output/RefCOCO --gradcam_mode itm --block_num 8 --checkpoint [pretrained checkpoint]
+(also torchrun, SLURM, or a plain single process on a CPU or GPU)
+
+Writes ``config.yaml``, ``result/epoch%d_rank%d.pth`` (the Grad-CAM map of every test expression of
+each process), one ``log.txt`` line per epoch with ``val_d``, ``testA_d``, ``testB_d`` and
+``checkpoint_best.pth`` (best ``val_d``, training runs only). ``--evaluate`` evaluates once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import time
+from typing import Any
+
+import torch
+
+from dataset import create_dataset, create_loader, create_sampler
+from dataset.annotations import read_json
+from dataset.grounding import ReferAnnotations
+from engine.checkpoint import read_checkpoint, save_training_checkpoint
+from engine.cli import base_parser
+from engine.grounding_eval import check_evaluation_inputs, collect_result, grounding_eval, grounding_maps
+from engine.loop import EpochSettings, train_one_epoch
+from engine.precision import grad_scaler
+from engine.runtime import RunContext, setup_run, wrap_ddp
+from engine.tracking import Tracker
+from models.simla.gradcam import DEFAULT_BLOCK_NUM, GRADCAM_MODES, check_block_num
+from models.simla.retrieval import SIMLA, load_retrieval_checkpoint
+from models.tokenization import build_tokenizer
+from optim import create_optimizer
+from scheduler import create_scheduler, epoch_end_step
+from utils import append_log, barrier, get_rank, get_world_size, is_main_process
+
+SCRIPT = "Grounding.py"
+LOSS_NAMES = ("loss_itm", "loss_ita")
+BEST_CHECKPOINT = "checkpoint_best.pth"
+# the REFER annotations the original evaluates on
+REFER_DATASET, REFER_SPLIT_BY = "refcoco+", "unc"
+
+
+def make_step(model: torch.nn.Module, tokenizer: Any, config: dict, device: torch.device, epoch: int):
+    """The fine-tuning iteration: tokenize (no truncation, as the original), alpha ramp, two losses."""
+    alpha_max = float(config["alpha"])
+    ramp = bool(config["warm_up"]) and epoch == 0
+
+    def step(batch, i: int, num_batches: int) -> dict[str, torch.Tensor]:
+        image, text, idx = batch
+        image = image.to(device, non_blocking=True)
+        idx = idx.to(device, non_blocking=True)
+        text_input = tokenizer(list(text), padding="longest", max_length=30, return_tensors="pt").to(device)
+        alpha = alpha_max * min(1.0, i / num_batches) if ramp else alpha_max
+        loss_ita, loss_itm = model(image, text_input, alpha=alpha, idx=idx)
+        return {"loss_itm": loss_itm, "loss_ita": loss_ita}
+
+    return step
+
+
+def main(args: argparse.Namespace) -> None:
+    ctx: RunContext = setup_run(args, "grounding")
+    config, device = ctx.config, ctx.device
+    result_dir = os.path.join(args.output_dir, "result")
+    os.makedirs(result_dir, exist_ok=True)
+
+    print("Creating dataset")
+    train_dataset, test_dataset = create_dataset("grounding", config)
+    if ctx.distributed:
+        samplers = create_sampler([train_dataset, test_dataset], [True, False], get_world_size(), get_rank())
+    else:
+        samplers = [None, None]
+    batch_size = int(config["batch_size"])
+    train_loader, test_loader = create_loader([train_dataset, test_dataset], samplers, batch_size=[batch_size] * 2,
+                                              num_workers=[args.num_workers] * 2, is_trains=[True, False],
+                                              collate_fns=[None, None])
+    if not args.evaluate and len(train_loader) == 0:
+        raise ValueError(f"{config['train_file']}: {len(train_dataset)} expressions give no full batch of "
+                         f"{batch_size} per process")
+
+    tokenizer = build_tokenizer(args.text_encoder)
+    refer = ReferAnnotations.load(config["refcoco_data"], REFER_DATASET, REFER_SPLIT_BY)
+    dets = read_json(config["det_file"])
+    if not isinstance(dets, dict):
+        raise ValueError(f"{config['det_file']}: expected a JSON object {{image id: [[x, y, w, h, ...], ...]}}")
+    # coco_file is read by the original but never used
+    counts = check_evaluation_inputs(test_dataset.ref_ids, refer, dets, config["test_file"], config["det_file"])
+    print(f"referring expressions to evaluate per split: {counts}")
+
+    print("Creating model")
+    model = SIMLA(config=config, text_encoder=args.text_encoder, tokenizer=tokenizer)
+    check_block_num(model, args.gradcam_mode, args.block_num)
+    if args.checkpoint:
+        checkpoint = read_checkpoint(args.checkpoint, trust=args.trust_checkpoint)
+        load_retrieval_checkpoint(model, checkpoint["model"], args.checkpoint, SCRIPT)
+        del checkpoint
+    model = model.to(device)
+    # every parameter takes part in each step (momentum copies need no gradient), as the original's
+    # _set_static_graph() declares
+    model, model_without_ddp = wrap_ddp(model, ctx, static_graph=True)
+
+    optimizer = create_optimizer(config["optimizer"], model)
+    scheduler, _ = create_scheduler(config["schedular"], optimizer)
+    scaler = grad_scaler(device, args.amp)
+    tracker = Tracker(args.log_backend, args.output_dir, config)
+    max_epoch = int(config["schedular"]["epochs"])
+    warmup_epochs = int(config["schedular"].get("warmup_epochs", 0) or 0)
+    settings = EpochSettings(loss_names=LOSS_NAMES, meter_window=1, warmup_epochs=warmup_epochs, amp=args.amp)
+    skip_empty_fix = bool(config.get("grounding_skip_empty_fix", False))
+    best = 0.0
+
+    print("Start training")
+    start_time = time.time()
+    for epoch in range(max_epoch):
+        train_stats: dict[str, Any] = {}
+        if not args.evaluate:
+            step = make_step(model, tokenizer, config, device, epoch)
+            train_stats = train_one_epoch(model, train_loader, optimizer, scheduler, epoch, device, step, settings,
+                                          scaler=scaler, sampler=samplers[0],
+                                          on_step=tracker.step_callback(epoch, len(train_loader), optimizer))
+        result = grounding_maps(model_without_ddp, test_loader, tokenizer, device, args.gradcam_mode,
+                                args.block_num, amp=args.amp)
+        results = collect_result(result, result_dir, f"epoch{epoch}")
+        if is_main_process():
+            grounding_acc = grounding_eval(results, dets, refer, skip_empty_fix=skip_empty_fix,
+                                           det_file=config["det_file"])
+            log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, **grounding_acc, "epoch": epoch}
+            if not args.evaluate and grounding_acc["val_d"] > best:
+                save_training_checkpoint(os.path.join(args.output_dir, BEST_CHECKPOINT), model_without_ddp,
+                                         optimizer, scheduler, config, epoch)
+                best = grounding_acc["val_d"]
+            append_log(args.output_dir, log_stats)
+            tracker.log({f"test/{k}": v for k, v in grounding_acc.items()}, step=(epoch + 1) * len(train_loader))
+        if args.evaluate:
+            break
+        epoch_end_step(scheduler, epoch, warmup_epochs)
+        barrier()
+
+    tracker.close()
+    print(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
+
+
+def get_parser() -> argparse.ArgumentParser:
+    parser = base_parser("SIMLA weakly supervised grounding (RefCOCO+)", "./configs/Grounding.yaml",
+                         "output/RefCOCO")
+    parser.add_argument("--gradcam_mode", default="itm", choices=GRADCAM_MODES,
+                        help="itm: cross-attention of a text-encoder layer; itc: attention of a ViT block")
+    parser.add_argument("--block_num", default=DEFAULT_BLOCK_NUM, type=int,
+                        help="layer (itm) or ViT block (itc) whose attention gives the Grad-CAM map")
+    parser.add_argument("--evaluate", action="store_true", help="evaluate --checkpoint once and stop")
+    return parser
+
+
+if __name__ == "__main__":
+    cli_args = get_parser().parse_args()
+    os.makedirs(cli_args.output_dir, exist_ok=True)
+    main(cli_args)

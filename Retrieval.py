@@ -1,0 +1,157 @@
+"""SIMLA image-text retrieval fine-tuning (ITA + ITM) on COCO or Flickr30k, evaluated after every epoch.
+
+python -m torch.distributed.launch --nproc_per_node=8 --use_env Retrieval.py --config ./configs/Retrieval_flickr.yaml \
+    --output_dir output/Retrieval_flickr --checkpoint [pretrained checkpoint]
+(also torchrun, SLURM, or a plain single process on a CPU or GPU)
+
+Writes ``config.yaml``, one ``log.txt`` line per epoch, ``checkpoint_best.pth`` (best test ``r_mean``,
+training runs only) and a final ``best epoch: N``. ``--evaluate`` evaluates the checkpoint once.
+``--resume true`` continues a run from its ``checkpoint_best.pth`` (optimizer, scheduler, next epoch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import time
+from typing import Any
+
+import torch
+
+from dataset import create_dataset, create_loader, create_sampler
+from engine.checkpoint import read_checkpoint, save_training_checkpoint
+from engine.cli import base_parser
+from engine.loop import EpochSettings, train_one_epoch
+from engine.precision import grad_scaler
+from engine.retrieval_eval import evaluation, itm_eval
+from engine.runtime import RunContext, setup_run, wrap_ddp
+from engine.tracking import Tracker
+from models.simla.retrieval import SIMLA, load_retrieval_checkpoint
+from models.tokenization import build_tokenizer
+from optim import create_optimizer
+from scheduler import create_scheduler, epoch_end_step
+from utils import append_log, barrier, get_rank, get_world_size, is_main_process, str2bool
+
+SCRIPT = "Retrieval.py"
+LOSS_NAMES = ("loss_itm", "loss_ita")
+BEST_CHECKPOINT = "checkpoint_best.pth"
+
+
+def make_step(model: torch.nn.Module, tokenizer: Any, config: dict, device: torch.device, epoch: int):
+    """The fine-tuning iteration: tokenize (no truncation, as the original), alpha ramp, two losses."""
+    alpha_max = float(config["alpha"])
+    ramp = bool(config["warm_up"]) and epoch == 0
+
+    def step(batch, i: int, num_batches: int) -> dict[str, torch.Tensor]:
+        image, caption, idx = batch
+        image = image.to(device, non_blocking=True)
+        idx = idx.to(device, non_blocking=True)
+        text = tokenizer(list(caption), padding="longest", max_length=30, return_tensors="pt").to(device)
+        alpha = alpha_max * min(1.0, i / num_batches) if ramp else alpha_max
+        loss_ita, loss_itm = model(image, text, alpha=alpha, idx=idx)
+        return {"loss_itm": loss_itm, "loss_ita": loss_ita}
+
+    return step
+
+
+def main(args: argparse.Namespace) -> None:
+    ctx: RunContext = setup_run(args, "retrieval", extra_config={"freeze_visual_encoder": args.freeze_visual_encoder})
+    config, device = ctx.config, ctx.device
+
+    print("Creating retrieval dataset")
+    train_dataset, _val_dataset, test_dataset = create_dataset("re", config)
+    train_sampler = create_sampler([train_dataset], [True], get_world_size(), get_rank())[0] if ctx.distributed else None
+    train_loader, test_loader = create_loader(
+        [train_dataset, test_dataset], [train_sampler, None],
+        batch_size=[int(config["batch_size_train"]), int(config["batch_size_test"])],
+        num_workers=[args.num_workers] * 2, is_trains=[True, False], collate_fns=[None, None])
+    if not args.evaluate and len(train_loader) == 0:
+        raise ValueError(f"{config['train_file']}: {len(train_dataset)} captions give no full batch of "
+                         f"{config['batch_size_train']} per process")
+
+    tokenizer = build_tokenizer(args.text_encoder)
+    print("Creating model")
+    model = SIMLA(config=config, text_encoder=args.text_encoder, tokenizer=tokenizer)
+    checkpoint = None
+    if args.checkpoint:
+        checkpoint = read_checkpoint(args.checkpoint, trust=args.trust_checkpoint)
+        load_retrieval_checkpoint(model, checkpoint["model"], args.checkpoint, SCRIPT)
+    elif args.resume:
+        raise ValueError("--resume needs --checkpoint (the checkpoint_best.pth of the run to continue)")
+    model = model.to(device)
+    model, model_without_ddp = wrap_ddp(model, ctx)
+
+    optimizer = create_optimizer(config["optimizer"], model)
+    scheduler, _ = create_scheduler(config["schedular"], optimizer)
+    scaler = grad_scaler(device, args.amp)
+    start_epoch, best, best_epoch = 0, 0.0, 0
+    if args.resume and checkpoint is not None:
+        for key in ("optimizer", "lr_scheduler", "epoch"):
+            if key not in checkpoint:
+                raise KeyError(f"{args.checkpoint}: --resume needs a '{key}' entry in the checkpoint")
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["lr_scheduler"])
+        if "scaler" in checkpoint and scaler.is_enabled():
+            scaler.load_state_dict(checkpoint["scaler"])
+        start_epoch = int(checkpoint["epoch"]) + 1
+        best_epoch = int(checkpoint["epoch"])
+        # checkpoint_best.pth is written when r_mean improves; its value is needed to go on comparing
+        best = float(checkpoint.get("best_r_mean", 0.0))
+    del checkpoint
+
+    tracker = Tracker(args.log_backend, args.output_dir, config)
+    max_epoch = int(config["schedular"]["epochs"])
+    warmup_epochs = int(config["schedular"].get("warmup_epochs", 0) or 0)
+    settings = EpochSettings(loss_names=LOSS_NAMES, meter_window=1, warmup_epochs=warmup_epochs, amp=args.amp)
+
+    print("Start training")
+    start_time = time.time()
+    for epoch in range(start_epoch, max_epoch):
+        train_stats: dict[str, Any] = {}
+        if not args.evaluate:
+            step = make_step(model, tokenizer, config, device, epoch)
+            train_stats = train_one_epoch(model, train_loader, optimizer, scheduler, epoch, device, step, settings,
+                                          scaler=scaler, sampler=train_sampler,
+                                          on_step=tracker.step_callback(epoch, len(train_loader), optimizer))
+        scores = evaluation(model_without_ddp, test_loader, tokenizer, device, config, amp=args.amp)
+        if is_main_process():
+            test_result = itm_eval(scores.score_i2t, scores.score_t2i, test_dataset.txt2img, test_dataset.img2txt)
+            print(test_result)
+            log_stats = {**{f"train_{k}": v for k, v in train_stats.items()},
+                         **{f"test_{k}": v for k, v in test_result.items()}, "epoch": epoch}
+            append_log(args.output_dir, log_stats)
+            tracker.log({f"test/{k}": v for k, v in test_result.items()}, step=(epoch + 1) * len(train_loader))
+            if not args.evaluate and test_result["r_mean"] > best:
+                best, best_epoch = test_result["r_mean"], epoch
+                extra = {"scaler": scaler.state_dict()} if scaler.is_enabled() else {}
+                save_training_checkpoint(os.path.join(args.output_dir, BEST_CHECKPOINT), model_without_ddp,
+                                         optimizer, scheduler, config, epoch, best_r_mean=best, **extra)
+        if args.evaluate:
+            break
+        epoch_end_step(scheduler, epoch, warmup_epochs)
+        barrier()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    tracker.close()
+    print(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
+    if is_main_process():
+        append_log(args.output_dir, f"best epoch: {best_epoch}")
+
+
+def get_parser() -> argparse.ArgumentParser:
+    parser = base_parser("SIMLA image-text retrieval fine-tuning", "./configs/Retrieval_flickr.yaml",
+                         "output/Retrieval_flickr")
+    parser.add_argument("--evaluate", action="store_true", help="evaluate --checkpoint on test_file and stop")
+    parser.add_argument("--freeze_visual_encoder", default=False, type=str2bool,
+                        help="keep the image encoder fixed (its momentum copy still follows it)")
+    parser.add_argument("--resume", default=False, type=str2bool,
+                        help="with --checkpoint: restore optimizer, scheduler and continue at the next epoch")
+    return parser
+
+
+if __name__ == "__main__":
+    cli_args = get_parser().parse_args()
+    os.makedirs(cli_args.output_dir, exist_ok=True)
+    main(cli_args)

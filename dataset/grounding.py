@@ -1,0 +1,207 @@
+"""RefCOCO+-style grounding data: the (image, referring expression) datasets of the original
+``create_dataset("grounding")`` and a small reader of the REFER annotations.
+
+Annotation files: JSON lists of ``{"image": <path relative to image_root>, "text": str}``; test
+entries also carry ``"ref_id": int``. Training pairs get an image index keyed by the image *file
+name* (last path component), so expressions of one picture share it; test pairs return their
+``ref_id``, whose split (val / testA / testB) comes from the REFER annotations.
+
+REFER annotations (``<refcoco_data>/<dataset>/``): ``refs(<split_by>).p``, a pickled list of refs
+(``ref_id``, ``ann_id``, ``image_id``, ``category_id``, ``split``, ``sentences``), and
+``instances.json`` (COCO-style ``images`` with ``id``, ``height``, ``width``; ``annotations`` with
+``id``, ``image_id``, ``bbox`` ``[x, y, w, h]``; ``categories``). The pickle is read with an
+unpickler that accepts only plain containers, strings and numbers.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from dataset.annotations import (
+    AnnotationError,
+    as_file_list,
+    join_image_path,
+    load_annotations,
+    open_rgb,
+    read_json,
+)
+from dataset.text import pre_caption
+from dataset.transforms import build_transforms
+
+Transform = Callable[[Any], torch.Tensor]
+
+
+# --- REFER annotations -----------------------------------------------------------------------------------
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    """Unpickles lists, dicts, tuples, strings and numbers only (REFER ``refs(*).p`` files)."""
+
+    def __init__(self, handle: Any, path: str) -> None:
+        # Python 2 pickles (the official files) hold byte strings; they are ASCII / UTF-8 text
+        super().__init__(handle, encoding="utf-8")
+        self.path = path
+
+    def find_class(self, module: str, name: str) -> Any:
+        raise pickle.UnpicklingError(f"{self.path}: refuses to load the pickled object {module}.{name}; a REFER "
+                                     "refs file holds only lists, dicts, strings and numbers")
+
+
+def read_refs_pickle(path: str) -> list[dict[str, Any]]:
+    """The list of refs stored in a REFER ``refs(<split_by>).p`` file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"REFER refs file not found: {path}")
+    with open(path, "rb") as handle:
+        try:
+            refs = _PlainUnpickler(handle, path).load()
+        except (EOFError, UnicodeDecodeError, ValueError) as exc:
+            raise AnnotationError(f"{path}: not a readable REFER refs pickle ({exc})") from None
+    if not isinstance(refs, list):
+        raise AnnotationError(f"{path}: expected a pickled list of refs, got {type(refs).__name__}")
+    return refs
+
+
+def _require(entry: Any, fields: Sequence[str], where: str, index: int) -> None:
+    if not isinstance(entry, dict):
+        raise AnnotationError(f"{where}: entry {index} is a {type(entry).__name__}, expected an object")
+    for name in fields:
+        if name not in entry:
+            raise AnnotationError(f"{where}: entry {index} has no field {name!r} (fields: {sorted(entry)})")
+
+
+class ReferAnnotations:
+    """The lookups of the original ``REFER`` class that grounding needs.
+
+    ``Refs[ref_id]``, ``Anns[ann_id]``, ``Imgs[image_id]``, ``Cats[category_id]`` (name),
+    ``refToAnn[ref_id]``, ``annToRef[ann_id]``, ``imgToRefs[image_id]``, ``imgToAnns[image_id]``,
+    ``Sents[sent_id]``, ``sentToRef[sent_id]``; ``source`` names the files they came from.
+    """
+
+    def __init__(self, refs: Sequence[Mapping[str, Any]], instances: Mapping[str, Any],
+                 source: str = "REFER annotations") -> None:
+        self.source = source
+        for key in ("images", "annotations"):
+            if not isinstance(instances.get(key), list):
+                raise AnnotationError(f"{source}: instances must hold a list under {key!r}")
+        self.Anns: dict[Any, dict] = {}
+        self.Imgs: dict[Any, dict] = {}
+        self.Cats: dict[Any, str] = {}
+        self.imgToAnns: dict[Any, list[dict]] = {}
+        for index, ann in enumerate(instances["annotations"]):
+            _require(ann, ("id", "image_id", "bbox"), f"{source} (annotations)", index)
+            bbox = ann["bbox"]
+            if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
+                raise AnnotationError(f"{source} (annotations): entry {index} 'bbox' must be [x, y, w, h], "
+                                      f"got {bbox!r}")
+            self.Anns[ann["id"]] = ann
+            self.imgToAnns.setdefault(ann["image_id"], []).append(ann)
+        for index, img in enumerate(instances["images"]):
+            _require(img, ("id", "height", "width"), f"{source} (images)", index)
+            self.Imgs[img["id"]] = img
+        for index, cat in enumerate(instances.get("categories") or []):
+            _require(cat, ("id", "name"), f"{source} (categories)", index)
+            self.Cats[cat["id"]] = cat["name"]
+
+        self.Refs: dict[Any, dict] = {}
+        self.refToAnn: dict[Any, dict] = {}
+        self.annToRef: dict[Any, dict] = {}
+        self.imgToRefs: dict[Any, list[dict]] = {}
+        self.Sents: dict[Any, dict] = {}
+        self.sentToRef: dict[Any, dict] = {}
+        for index, ref in enumerate(refs):
+            _require(ref, ("ref_id", "ann_id", "image_id", "split"), f"{source} (refs)", index)
+            if ref["ann_id"] not in self.Anns:
+                raise AnnotationError(f"{source}: ref {ref['ref_id']} points to annotation id {ref['ann_id']}, "
+                                      "which instances.json does not have")
+            self.Refs[ref["ref_id"]] = ref
+            self.refToAnn[ref["ref_id"]] = self.Anns[ref["ann_id"]]
+            self.annToRef[ref["ann_id"]] = ref
+            self.imgToRefs.setdefault(ref["image_id"], []).append(ref)
+            for sent in ref.get("sentences") or []:
+                if isinstance(sent, dict) and "sent_id" in sent:
+                    self.Sents[sent["sent_id"]] = sent
+                    self.sentToRef[sent["sent_id"]] = ref
+
+    @classmethod
+    def load(cls, data_root: str, dataset: str = "refcoco+", split_by: str = "unc") -> ReferAnnotations:
+        """Read ``<data_root>/<dataset>/refs(<split_by>).p`` and ``instances.json``."""
+        folder = os.path.join(data_root, dataset)
+        refs_path = os.path.join(folder, f"refs({split_by}).p")
+        instances_path = os.path.join(folder, "instances.json")
+        refs = read_refs_pickle(refs_path)
+        instances = read_json(instances_path)
+        if not isinstance(instances, dict):
+            raise AnnotationError(f"{instances_path}: expected a JSON object with images/annotations/categories")
+        return cls(refs, instances, source=f"{refs_path} + {instances_path}")
+
+    def ref_ids(self, split: str | None = None) -> list[Any]:
+        """Ids of every ref, or of the refs of one split, in file order."""
+        return [ref_id for ref_id, ref in self.Refs.items() if split is None or ref["split"] == split]
+
+    def ref_box(self, ref_id: Any) -> list[float]:
+        """Ground-truth box ``[x, y, w, h]`` of a ref."""
+        return [float(v) for v in self.refToAnn[ref_id]["bbox"]]
+
+
+# --- datasets ---------------------------------------------------------------------------------------------
+
+
+class GroundingDataset(Dataset):
+    """``(image, expression, image index)`` in ``train`` mode, ``(image, expression, ref_id)`` in ``test``."""
+
+    def __init__(self, ann_file: str | Sequence[str], transform: Transform, image_root: str | None,
+                 max_words: int = 30, mode: str = "train", key: str = "train_file") -> None:
+        if mode not in ("train", "test"):
+            raise ValueError(f"grounding dataset mode must be 'train' or 'test', got {mode!r}")
+        self.transform = transform
+        self.image_root = image_root
+        self.max_words = max_words
+        self.mode = mode
+        required = ("image", "text", "ref_id") if mode == "test" else ("image", "text")
+        self.ann: list[dict] = []
+        for path in as_file_list(ann_file, key):
+            for index, entry in enumerate(load_annotations([path], required=required)):
+                if not isinstance(entry["image"], str) or not isinstance(entry["text"], str):
+                    raise AnnotationError(f"{path}: entry {index} needs string 'image' and 'text' fields")
+                if mode == "test" and (isinstance(entry["ref_id"], bool) or not isinstance(entry["ref_id"], int)):
+                    raise AnnotationError(f"{path}: entry {index} 'ref_id' must be an integer, "
+                                          f"got {entry['ref_id']!r}")
+                self.ann.append(entry)
+        self.img_ids: dict[str, int] = {}
+        if mode == "train":
+            for entry in self.ann:
+                self.img_ids.setdefault(entry["image"].split("/")[-1], len(self.img_ids))
+
+    def __len__(self) -> int:
+        return len(self.ann)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str, int]:
+        entry = self.ann[index]
+        image = self.transform(open_rgb(join_image_path(self.image_root, entry["image"])))
+        caption = pre_caption(entry["text"], self.max_words)
+        if self.mode == "train":
+            return image, caption, self.img_ids[entry["image"].split("/")[-1]]
+        return image, caption, int(entry["ref_id"])
+
+    @property
+    def ref_ids(self) -> list[int]:
+        """The ``ref_id`` of every test entry, in order (empty in train mode)."""
+        return [int(entry["ref_id"]) for entry in self.ann] if self.mode == "test" else []
+
+
+def create_grounding_datasets(config: Mapping[str, Any]) -> tuple[GroundingDataset, GroundingDataset]:
+    """``(train, test)``: ``train_file`` with the grounding training transform, ``test_file`` (val and
+    test JSON files) with the test transform."""
+    transforms = build_transforms(config)
+    max_words = int(config.get("max_words", 30))
+    root = config["image_root"]
+    train = GroundingDataset(config["train_file"], transforms["grounding_train"], root, max_words, "train",
+                             key="train_file")
+    test = GroundingDataset(config["test_file"], transforms["test"], root, max_words, "test", key="test_file")
+    return train, test

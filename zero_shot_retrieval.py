@@ -1,0 +1,108 @@
+"""SIMLA image-text retrieval evaluation of a checkpoint without fine-tuning (e.g. pretrained on 4M
+images, evaluated on Flickr30k).
+
+python -m torch.distributed.launch --nproc_per_node=8 --use_env zero_shot_retrieval.py \
+    --config ./configs/Retrieval_flickr.yaml --output_dir output/Retrieval_flickr \
+    --checkpoint [pretrained checkpoint] --evaluate
+(also torchrun, SLURM, or a plain single process on a CPU or GPU)
+
+Writes ``config.yaml`` and one ``log.txt`` line of ``test_*`` metrics per evaluation. Without
+``--evaluate`` the evaluation is repeated ``schedular.epochs`` times, as the original does.
+``--save_sims`` also writes the ITC similarity matrix and the two ITM score matrices as ``.npy`` files
+into the folder named by the config's ``save_sims`` key (``output_dir`` when it is empty).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import time
+
+import numpy as np
+import torch
+
+from dataset import create_dataset, create_loader
+from engine.checkpoint import read_checkpoint
+from engine.cli import base_parser
+from engine.retrieval_eval import RetrievalScores, evaluation, itm_eval
+from engine.runtime import RunContext, setup_run, wrap_ddp
+from models.simla.retrieval import SIMLA, load_retrieval_checkpoint
+from models.tokenization import build_tokenizer
+from optim import create_optimizer
+from scheduler import create_scheduler, epoch_end_step
+from utils import append_log, barrier, is_main_process
+
+SCRIPT = "zero_shot_retrieval.py"
+SIMS_FILES = ("sims_matrix.npy", "score_matrix_i2t.npy", "score_matrix_t2i.npy")
+
+
+def save_similarities(folder: str, scores: RetrievalScores) -> list[str]:
+    """Write the ITC similarities ``(I, T)`` and the ITM score matrices ``(I, T)``, ``(T, I)``."""
+    os.makedirs(folder, exist_ok=True)
+    paths = [os.path.join(folder, name) for name in SIMS_FILES]
+    for path, matrix in zip(paths, (scores.sims, scores.score_i2t, scores.score_t2i)):
+        np.save(path, matrix)
+    return paths
+
+
+def main(args: argparse.Namespace) -> None:
+    ctx: RunContext = setup_run(args, "zero_shot_retrieval")
+    config, device = ctx.config, ctx.device
+
+    print("Creating retrieval dataset")
+    _train_dataset, _val_dataset, test_dataset = create_dataset("re", config)
+    # evaluation only: every process reads the whole split and encodes its own share of it
+    test_loader = create_loader([test_dataset], [None], batch_size=[int(config["batch_size_test"])],
+                                num_workers=[args.num_workers], is_trains=[False], collate_fns=[None])[0]
+
+    tokenizer = build_tokenizer(args.text_encoder)
+    print("Creating model")
+    model = SIMLA(config=config, text_encoder=args.text_encoder, tokenizer=tokenizer, idx_queue=False)
+    if args.checkpoint:
+        checkpoint = read_checkpoint(args.checkpoint, trust=args.trust_checkpoint)
+        load_retrieval_checkpoint(model, checkpoint["model"], args.checkpoint, SCRIPT)
+        del checkpoint
+    model = model.to(device)
+    model, model_without_ddp = wrap_ddp(model, ctx)
+    # built as in the original; only stepped between repeated evaluations
+    optimizer = create_optimizer(config["optimizer"], model)
+    scheduler, _ = create_scheduler(config["schedular"], optimizer)
+
+    max_epoch = int(config["schedular"]["epochs"])
+    warmup_epochs = int(config["schedular"].get("warmup_epochs", 0) or 0)
+    sims_folder = config.get("save_sims") or args.output_dir
+    start_time = time.time()
+    for epoch in range(max_epoch):
+        scores = evaluation(model_without_ddp, test_loader, tokenizer, device, config, amp=args.amp,
+                            keep_sims=args.save_sims)
+        if is_main_process():
+            test_result = itm_eval(scores.score_i2t, scores.score_t2i, test_dataset.txt2img, test_dataset.img2txt)
+            print(test_result)
+            append_log(args.output_dir, {**{f"test_{k}": v for k, v in test_result.items()}, "epoch": epoch})
+            if args.save_sims:
+                print("similarity and score matrices saved to " + ", ".join(save_similarities(sims_folder, scores)))
+        if args.evaluate:
+            break
+        epoch_end_step(scheduler, epoch, warmup_epochs)
+        barrier()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    print(f"Time {datetime.timedelta(seconds=int(time.time() - start_time))}")
+
+
+def get_parser() -> argparse.ArgumentParser:
+    parser = base_parser("SIMLA zero-shot image-text retrieval", "./configs/Retrieval_flickr.yaml",
+                         "output/Retrieval_flickr")
+    parser.add_argument("--evaluate", action="store_true",
+                        help="evaluate once (without it the evaluation is repeated schedular.epochs times)")
+    parser.add_argument("--save_sims", action="store_true",
+                        help="also save the similarity and score matrices (.npy) to the config's save_sims "
+                             "folder (output_dir if unset)")
+    return parser
+
+
+if __name__ == "__main__":
+    cli_args = get_parser().parse_args()
+    os.makedirs(cli_args.output_dir, exist_ok=True)
+    main(cli_args)
