@@ -1,0 +1,125 @@
+"""Text-assignment pretraining of the two-image NLVR model, starting from a SIMLA pretraining checkpoint.
+
+python -m torch.distributed.launch --nproc_per_node=8 --use_env Pretrain_NLVR.py \
+    --config ./configs/NLVR_pretrain.yaml --output_dir output/NLVR_pretrain --checkpoint [pretrained checkpoint]
+(also torchrun, SLURM, or a plain single process on a CPU or GPU)
+
+The checkpoint's text-encoder layers 0-5 keep their index and layers 6-11 are each copied into two
+consecutive layers (6-17) of the 18-layer NLVR encoder. Every epoch writes ``checkpoint_%02d.pth``,
+the starting point of ``NLVR.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import time
+from typing import Any
+
+import torch
+
+from dataset import SafeCollate, create_dataset, create_loader, create_sampler
+from engine.checkpoint import (
+    checkpoint_path,
+    interpolate_pos_embeds,
+    load_model_state,
+    read_checkpoint,
+    save_training_checkpoint,
+)
+from engine.cli import base_parser
+from engine.loop import EpochSettings, train_one_epoch
+from engine.precision import grad_scaler
+from engine.runtime import RunContext, setup_run, wrap_ddp
+from engine.tracking import Tracker
+from models.simla.nlvr import nlvr_layout
+from models.simla.pretrain_nlvr import SIMLA, pretrain_to_nlvr_state_dict
+from models.tokenization import build_tokenizer
+from optim import create_optimizer
+from scheduler import create_scheduler, epoch_start_step
+from utils import append_log, barrier, get_rank, get_world_size, is_main_process
+
+
+def make_step(model: torch.nn.Module, tokenizer: Any, device: torch.device):
+    """One iteration: tokenize the captions (at most 25 tokens) and compute the assignment loss."""
+
+    def step(batch, i: int, num_batches: int) -> dict[str, torch.Tensor]:
+        # the pretraining dataset also yields the d-VAE view and the patch mask, unused here
+        image, caption = batch[0], batch[1]
+        image = image.to(device, non_blocking=True)
+        text = tokenizer(list(caption), padding="longest", truncation=True, max_length=25,
+                         return_tensors="pt").to(device)
+        return {"loss": model(image, text)}
+
+    return step
+
+
+def load_pretraining_checkpoint(model: SIMLA, path: str, config: dict, trust: bool) -> None:
+    """Load a SIMLA pretraining checkpoint with the layer duplication of the original script."""
+    checkpoint = read_checkpoint(path, trust=trust)
+    state_dict = dict(checkpoint["model"])
+    interpolate_pos_embeds(state_dict, model, names=("visual_encoder",))
+    num_layers, split = nlvr_layout(config)
+    state_dict = pretrain_to_nlvr_state_dict(state_dict, num_layers, split)
+    print(load_model_state(model, state_dict, path, strict=False))
+
+
+def main(args: argparse.Namespace) -> None:
+    ctx: RunContext = setup_run(args, "nlvr_pretrain")
+    config, device = ctx.config, ctx.device
+    max_epoch = int(config["schedular"]["epochs"])
+    warmup_epochs = int(config["schedular"].get("warmup_epochs", 0) or 0)
+
+    print("Creating dataset")
+    dataset = create_dataset("pretrain", config)
+    samplers = create_sampler([dataset], [True], get_world_size(), get_rank()) if ctx.distributed else [None]
+    # the original used the default collate, which fails on an unreadable image; replace it instead
+    loader = create_loader([dataset], samplers, batch_size=[int(config["batch_size"])],
+                           num_workers=[args.num_workers], is_trains=[True], collate_fns=[SafeCollate()])[0]
+    if len(loader) == 0:
+        raise ValueError(f"{config['train_file']}: {len(dataset)} samples give no full batch of "
+                         f"{config['batch_size']} per process")
+
+    tokenizer = build_tokenizer(args.text_encoder)
+    print("Creating model")
+    model = SIMLA(config=config, text_encoder=args.text_encoder, tokenizer=tokenizer)
+    model = model.to(device)
+    optimizer = create_optimizer(config["optimizer"], model)
+    scheduler, _ = create_scheduler(config["schedular"], optimizer)
+    if args.checkpoint:
+        load_pretraining_checkpoint(model, args.checkpoint, config, args.trust_checkpoint)
+    # vision_proj, text_proj and temp get no gradient
+    model, model_without_ddp = wrap_ddp(model, ctx, find_unused_parameters=True)
+
+    settings = EpochSettings(loss_names=("loss",), warmup_epochs=warmup_epochs, amp=args.amp,
+                             counted_batches=True)
+    scaler = grad_scaler(device, args.amp)
+    step = make_step(model, tokenizer, device)
+    tracker = Tracker(args.log_backend, args.output_dir, config)
+    print("Start training")
+    start_time = time.time()
+    for epoch in range(0, max_epoch):
+        epoch_start_step(scheduler, epoch, warmup_epochs)
+        train_stats = train_one_epoch(model, loader, optimizer, scheduler, epoch, device, step, settings,
+                                      scaler=scaler, sampler=samplers[0],
+                                      on_step=tracker.step_callback(epoch, len(loader), optimizer))
+        if is_main_process():
+            save_training_checkpoint(checkpoint_path(args.output_dir, epoch), model_without_ddp, optimizer,
+                                     scheduler, config, epoch)
+            append_log(args.output_dir, {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch})
+        barrier()
+    tracker.close()
+    print(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
+
+
+def get_parser() -> argparse.ArgumentParser:
+    # the original's default names configs/NLVR_pretrain.yaml; the file is NLVR_Pretrain.yaml, and the
+    # config loader matches file names case-insensitively, so both spellings work
+    return base_parser("SIMLA NLVR text-assignment pretraining", "./configs/NLVR_pretrain.yaml",
+                       "output/NLVR_pretrain")
+
+
+if __name__ == "__main__":
+    cli_args = get_parser().parse_args()
+    os.makedirs(cli_args.output_dir, exist_ok=True)
+    main(cli_args)

@@ -1,0 +1,169 @@
+"""Text-assignment pretraining of the two-image NLVR model (``Pretrain_NLVR.py``).
+
+Each caption of a batch is shown two images taken from the batch and a 3-way head predicts where
+its own image is: in slot 0 (class 0), in slot 1 (class 1) or in neither (class 2). With probability
+2/3 one image is the caption's own and the other a similar image of the batch (each slot with
+probability 1/2); otherwise both are similar images. "Similar" means drawn from
+``softmax(f f^T / 0.07)`` over the batch's normalised ``vision_proj`` features, own image excluded.
+
+``vision_proj`` is only used without gradient and ``text_proj`` and ``temp`` are never used; they
+exist because the original model has them (their keys are in its checkpoints).
+
+Config keys read: ``image_res``, ``vision_width``, ``embed_dim``, ``bert_config``; optional
+``vit_mask_token`` (True), ``vision_depth``/``vision_heads``/``patch_size``, ``from_scratch``,
+``nlvr_num_layers`` (18), ``nlvr_split_layer`` (6).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from models.simla.nlvr import build_nlvr_text_encoder
+from models.vit import vit_from_config
+
+PAIRING_TEMPERATURE = 0.07  # a constant in the original, not the ``temp`` parameter
+
+
+def pair_images(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Draw the image pair and class of every caption from the (B, B) similarity weights.
+
+    Returns ``(index_slot0, index_slot1, labels)``, each ``(B,)`` long on ``weights``' device. The
+    draws come from the global CPU generator in the original's order: per caption ``rand(1)``; if it
+    exceeds 1/3, one ``multinomial(w[b], 1)`` and another ``rand(1)`` (> 0.5: own image in slot 0,
+    class 0; else slot 1, class 1); otherwise ``multinomial(w[b], 2)`` without replacement (class 2).
+    """
+    batch = weights.shape[0]
+    if batch < 3:
+        # every row has batch - 1 non-zero weights and class 2 needs two distinct other images
+        raise ValueError(f"NLVR text-assignment pretraining needs at least 3 images per batch and "
+                         f"process, got {batch}")
+    cpu_weights = weights.detach().float().cpu()
+    slot0: list[int] = []
+    slot1: list[int] = []
+    labels: list[int] = []
+    for b in range(batch):
+        if torch.rand(1) > 1 / 3:
+            other = int(torch.multinomial(cpu_weights[b], 1).item())
+            if torch.rand(1) > 0.5:
+                slot0.append(b)
+                slot1.append(other)
+                labels.append(0)
+            else:
+                slot0.append(other)
+                slot1.append(b)
+                labels.append(1)
+        else:
+            first, second = torch.multinomial(cpu_weights[b], 2).tolist()
+            slot0.append(first)
+            slot1.append(second)
+            labels.append(2)
+    return tuple(torch.tensor(values, dtype=torch.long, device=weights.device)  # type: ignore[return-value]
+                 for values in (slot0, slot1, labels))
+
+
+class SIMLA(nn.Module):
+    """NLVR text-assignment pretraining model: ``forward(image, text)`` returns the loss."""
+
+    def __init__(self, text_encoder: str | None = None, tokenizer: Any = None,
+                 config: Mapping[str, Any] | None = None) -> None:
+        super().__init__()
+        if config is None:
+            raise ValueError("the NLVR pretraining model needs a config")
+        self.tokenizer = tokenizer
+        from_scratch = bool(config.get("from_scratch", False))
+        if not from_scratch and not text_encoder:
+            raise ValueError("text_encoder (a Hugging Face BERT name or folder) is required unless "
+                             "from_scratch is true")
+        vision_width = int(config["vision_width"])
+        embed_dim = int(config["embed_dim"])
+
+        self.visual_encoder = vit_from_config(config)
+        self.text_encoder = build_nlvr_text_encoder(config, None if from_scratch else text_encoder)
+        text_width = self.text_encoder.config.hidden_size
+        self.vision_proj = nn.Linear(vision_width, embed_dim)
+        self.text_proj = nn.Linear(text_width, embed_dim)
+        self.temp = nn.Parameter(torch.ones([]) * 0.07)
+        self.ta_head = nn.Linear(text_width, 3)
+
+    def pairing_weights(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        """``softmax(f f^T / 0.07)`` of the normalised projected [CLS] features, zero diagonal."""
+        with torch.no_grad():
+            feat = F.normalize(self.vision_proj(image_embeds[:, 0, :]), dim=-1)
+            weights = F.softmax(feat @ feat.t() / PAIRING_TEMPERATURE, dim=1)
+            weights.fill_diagonal_(0)
+        return weights
+
+    def sample_pairs(self, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The random pairing of this step (see :func:`pair_images`)."""
+        return pair_images(weights)
+
+    def forward(self, image: torch.Tensor, text: Any, return_intermediates: bool = False):
+        """Cross-entropy of the 3-way assignment head; with ``return_intermediates`` also a dict with
+        ``logits``, ``labels``, the slot indices and the ``sampling_weights``."""
+        image_embeds = self.visual_encoder(image)
+        image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image.device)
+        weights = self.pairing_weights(image_embeds)
+        slot0, slot1, labels = self.sample_pairs(weights)
+        output = self.text_encoder(text.input_ids, attention_mask=text.attention_mask,
+                                   encoder_hidden_states=[image_embeds[slot0], image_embeds[slot1]],
+                                   encoder_attention_mask=[image_atts, image_atts], mode="multi_modal")
+        logits = self.ta_head(output.last_hidden_state[:, 0, :])
+        loss = F.cross_entropy(logits, labels)
+        if return_intermediates:
+            return loss, {"logits": logits, "labels": labels, "pair_image_index_0": slot0,
+                          "pair_image_index_1": slot1, "sampling_weights": weights}
+        return loss
+
+
+_TEXT_LAYER = re.compile(r"^(?P<prefix>.*?encoder\.layer\.)(?P<index>\d+)(?P<rest>\..*)$")
+
+
+def pretrain_to_nlvr_state_dict(state_dict: Mapping[str, torch.Tensor], num_layers: int = 18,
+                                split_layer: int = 6) -> dict[str, torch.Tensor]:
+    """Map a pretraining checkpoint onto the two-image model, as ``Pretrain_NLVR.py`` does.
+
+    Every key containing ``bert`` loses each ``bert.``; text-encoder layers below ``split_layer``
+    keep their index and layer ``L >= split_layer`` is copied to layers ``2(L - split) + split`` and
+    ``2(L - split) + split + 1`` (6 -> 6,7; 7 -> 8,9; ...; 11 -> 16,17 for the original). Other
+    keys are kept unchanged (the caller loads non-strictly, so the pretraining heads and momentum
+    models are reported as unexpected). Raises ``ValueError`` if the checkpoint's text encoder
+    depth does not produce ``num_layers`` layers.
+    """
+    mapped: dict[str, torch.Tensor] = {}
+    source_depth = 0
+    for key, value in state_dict.items():
+        if "bert" not in key:
+            mapped[key] = value
+            continue
+        new_key = key.replace("bert.", "")
+        match = _TEXT_LAYER.match(new_key) if "layer" in new_key else None
+        if match is None:
+            mapped[new_key] = value
+            continue
+        index = int(match["index"])
+        if new_key.startswith("text_encoder."):
+            source_depth = max(source_depth, index + 1)
+        if index < split_layer:
+            mapped[new_key] = value
+        else:
+            first = 2 * (index - split_layer) + split_layer
+            for target in (first, first + 1):
+                mapped[f"{match['prefix']}{target}{match['rest']}"] = value
+    if source_depth and 2 * source_depth - split_layer != num_layers:
+        raise ValueError(
+            f"the checkpoint's text encoder has {source_depth} layers; duplicating layers {split_layer}.. "
+            f"gives {2 * source_depth - split_layer}, but the model has {num_layers} "
+            f"(set nlvr_num_layers: {2 * source_depth - split_layer} or a matching nlvr_split_layer)")
+    return mapped
+
+
+def build_for_manifest(config: Mapping[str, Any], vocab_size: int) -> SIMLA:
+    """The model as the original builds it for a state-dict manifest (no pretrained weights)."""
+    del vocab_size  # the BERT config fixes the vocabulary
+    return SIMLA(config=dict(config, from_scratch=True))
