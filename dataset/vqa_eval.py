@@ -1,0 +1,129 @@
+"""VQA result files and the standard VQA accuracy.
+
+Accuracy of one predicted answer against the 10 annotator answers of a question: for each annotator,
+``min(#other annotators who gave the prediction / 3, 1)``; the question's accuracy is the mean over
+the 10 leave-one-out subsets (so 4 or more matching annotators give 1.0, 3 give 0.9, 2 give 0.6 and
+1 gives 0.3).
+Answers are compared after the VQA answer normalisation: punctuation removed or turned into spaces,
+periods dropped (except decimal points), lower-cased, number words mapped to digits, articles dropped
+and contractions written with their apostrophe ("dont" -> "don't").
+
+The official evaluation script normalises only when the annotators disagree (its annotation files
+hold already normalised answers); here both the prediction and every annotator answer are always
+normalised, which gives the same score on official annotations and a sensible one on raw answers.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+# characters removed when they touch a space (or the text has a digit,digit comma), else made spaces
+_PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",",
+                "?", "!")
+_DIGIT_COMMA_DIGIT = re.compile(r"(\d)(,)(\d)")
+# a period not followed by a digit; the official pattern's look-behind is malformed and never applies
+_PERIOD = re.compile(r"(?!<=\d)(\.)(?!\d)")
+# the official script passes re.UNICODE (32) as the count of its period substitution
+_PERIOD_COUNT = 32
+_ARTICLES = frozenset({"a", "an", "the"})
+_NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
+                 "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+
+# "written-without-apostrophe canonical-form" pairs of the standard VQA evaluation (the entries with
+# capitals never match, since words are lower-cased first; they are kept so the table is complete)
+_CONTRACTION_PAIRS = """
+aint ain't | arent aren't | cant can't | couldve could've | couldnt couldn't | couldn'tve couldn't've |
+couldnt've couldn't've | didnt didn't | doesnt doesn't | dont don't | hadnt hadn't | hadnt've hadn't've |
+hadn'tve hadn't've | hasnt hasn't | havent haven't | hed he'd | hed've he'd've | he'dve he'd've | hes he's |
+howd how'd | howll how'll | hows how's | Id've I'd've | I'dve I'd've | Im I'm | Ive I've | isnt isn't |
+itd it'd | itd've it'd've | it'dve it'd've | itll it'll | let's let's | maam ma'am | mightnt mightn't |
+mightnt've mightn't've | mightn'tve mightn't've | mightve might've | mustnt mustn't | mustve must've |
+neednt needn't | notve not've | oclock o'clock | oughtnt oughtn't | ow's'at 'ow's'at | 'ows'at 'ow's'at |
+'ow'sat 'ow's'at | shant shan't | shed've she'd've | she'dve she'd've | she's she's | shouldve should've |
+shouldnt shouldn't | shouldnt've shouldn't've | shouldn'tve shouldn't've | somebody'd somebodyd |
+somebodyd've somebody'd've | somebody'dve somebody'd've | somebodyll somebody'll | somebodys somebody's |
+someoned someone'd | someoned've someone'd've | someone'dve someone'd've | someonell someone'll |
+someones someone's | somethingd something'd | somethingd've something'd've | something'dve something'd've |
+somethingll something'll | thats that's | thered there'd | thered've there'd've | there'dve there'd've |
+therere there're | theres there's | theyd they'd | theyd've they'd've | they'dve they'd've | theyll they'll |
+theyre they're | theyve they've | twas 'twas | wasnt wasn't | wed've we'd've | we'dve we'd've | weve we've |
+werent weren't | whatll what'll | whatre what're | whats what's | whatve what've | whens when's |
+whered where'd | wheres where's | whereve where've | whod who'd | whod've who'd've | who'dve who'd've |
+wholl who'll | whos who's | whove who've | whyll why'll | whyre why're | whys why's | wont won't |
+wouldve would've | wouldnt wouldn't | wouldnt've wouldn't've | wouldn'tve wouldn't've | yall y'all |
+yall'll y'all'll | y'allll y'all'll | yall'd've y'all'd've | y'alld've y'all'd've | y'all'dve y'all'd've |
+youd you'd | youd've you'd've | you'dve you'd've | youll you'll | youre you're | youve you've
+"""
+CONTRACTIONS: dict[str, str] = dict(pair.split() for pair in _CONTRACTION_PAIRS.replace("\n", " ").split("|"))
+
+
+def _process_punctuation(text: str) -> str:
+    out = text
+    has_digit_comma = _DIGIT_COMMA_DIGIT.search(text) is not None
+    for mark in _PUNCTUATION:
+        if mark + " " in text or " " + mark in text or has_digit_comma:
+            out = out.replace(mark, "")
+        else:
+            out = out.replace(mark, " ")
+    return _PERIOD.sub("", out, count=_PERIOD_COUNT)
+
+
+def _process_digits_and_articles(text: str) -> str:
+    words = [_NUMBER_WORDS.get(word, word) for word in text.lower().split()]
+    words = [word for word in words if word not in _ARTICLES]
+    return " ".join(CONTRACTIONS.get(word, word) for word in words)
+
+
+def normalize_answer(answer: str) -> str:
+    """The standard VQA answer normalisation (see the module docstring)."""
+    text = answer.replace("\n", " ").replace("\t", " ").strip()
+    return _process_digits_and_articles(_process_punctuation(text))
+
+
+def answer_accuracy(prediction: str, annotator_answers: Sequence[str]) -> float:
+    """VQA accuracy in [0, 1] of one prediction against the annotators' answers."""
+    if not annotator_answers:
+        raise ValueError("a question needs at least one annotator answer to be scored")
+    predicted = normalize_answer(prediction)
+    matches = [normalize_answer(a) == predicted for a in annotator_answers]
+    total = sum(matches)
+    # leaving out annotator i removes one match exactly when annotator i matched
+    scores = [min(1.0, (total - int(matched)) / 3) for matched in matches]
+    return sum(scores) / len(scores)
+
+
+def vqa_accuracy(results: Iterable[Mapping[str, Any]], answers_by_question_id: Mapping[int, Sequence[str]]
+                 ) -> dict[str, Any]:
+    """Score ``[{"question_id", "answer"}]`` against the annotator answers of each question.
+
+    Returns ``{"accuracy": percent rounded to 2 decimals, "num_questions": questions scored}``;
+    questions without annotator answers are not scored. A question present twice is an error.
+    """
+    scored: dict[int, float] = {}
+    for entry in results:
+        qid = int(entry["question_id"])
+        if qid in scored:
+            raise ValueError(f"question {qid} appears more than once in the results")
+        if qid in answers_by_question_id and answers_by_question_id[qid]:
+            scored[qid] = answer_accuracy(str(entry["answer"]), answers_by_question_id[qid])
+    accuracy = 100.0 * sum(scored.values()) / len(scored) if scored else float("nan")
+    return {"accuracy": round(accuracy, 2), "num_questions": len(scored)}
+
+
+def merge_rank_results(per_rank: Sequence[Sequence[Mapping[str, Any]]], key: str = "question_id"
+                       ) -> list[dict[str, Any]]:
+    """Concatenate per-rank result lists in rank order, keeping the first entry of each ``key``.
+
+    A distributed evaluation sampler pads the last ranks with repeated samples, so a question can be
+    answered twice; the merged list has every question once.
+    """
+    merged: list[dict[str, Any]] = []
+    seen: set[Any] = set()
+    for results in per_rank:
+        for entry in results:
+            if entry[key] not in seen:
+                seen.add(entry[key])
+                merged.append(dict(entry))
+    return merged

@@ -1,0 +1,243 @@
+"""SIMLA visual question answering: a fused question encoder and a causal answer decoder.
+
+The question attends to the image in the 12-layer ``med`` text encoder (``mode="multimodal"``); a
+separate ``decoder_depth``-layer causal BERT (``text_decoder``, 6 layers in the original) generates
+the answer while cross-attending to the fused question states. Training minimises the weighted
+answer likelihood; evaluation ranks a fixed answer list (``rank_answer``).
+
+Config keys read: ``distill``, ``image_res``, ``bert_config``; optional ``vit_mask_token`` (True),
+``vision_width``/``vision_depth``/``vision_heads``/``patch_size`` (ViT-B/16), ``from_scratch`` (False),
+``decoder_depth`` (6), ``vqa_distill_alpha`` (False), ``distill_softmax_dim`` (1),
+``grad_checkpointing`` (False).
+
+``vqa_distill_alpha``: the original SIMLA code calls the answer decoder with the momentum soft labels
+but without ``alpha``, so the distillation term is multiplied by 0 and the loss is the plain weighted
+answer NLL. That is the default here; the momentum weights are still updated every step (they are
+checkpoint entries), but the momentum forward passes, whose result would be multiplied by 0, are
+skipped. ``vqa_distill_alpha: true`` passes ``alpha`` and so trains with momentum distillation.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from models.bert import BertLMHeadModel, BertModel, load_bert_config, load_pretrained_bert
+from models.simla.momentum import MomentumMixin
+from models.vit import vit_from_config
+
+PAD_ID = 0
+MOMENTUM = 0.995  # hard-coded in the original VQA model
+DEFAULT_DECODER_DEPTH = 6
+
+
+class SIMLA(MomentumMixin, nn.Module):
+    def __init__(self, text_encoder: str | None = None, text_decoder: str | None = None, tokenizer: Any = None,
+                 config: Mapping[str, Any] | None = None) -> None:
+        super().__init__()
+        if config is None:
+            raise ValueError("SIMLA VQA model needs a config")
+        self.tokenizer = tokenizer
+        self.pad_token_id = int(getattr(tokenizer, "pad_token_id", PAD_ID) if tokenizer is not None else PAD_ID)
+        self.distill = bool(config["distill"])
+        self.distill_alpha = bool(config.get("vqa_distill_alpha", False))
+        from_scratch = bool(config.get("from_scratch", False))
+
+        encoder_config = load_bert_config(config["bert_config"])
+        self.decoder_depth = int(config.get("decoder_depth", DEFAULT_DECODER_DEPTH))
+        if self.decoder_depth < 1:
+            raise ValueError(f"config key 'decoder_depth' must be at least 1, got {self.decoder_depth}")
+        decoder_config = load_bert_config(config["bert_config"], num_hidden_layers=self.decoder_depth)
+        distill_dim = int(config.get("distill_softmax_dim", 1))
+
+        self.visual_encoder = vit_from_config(config)
+        self.text_encoder = BertModel(encoder_config, add_pooling_layer=False)
+        self.text_decoder = BertLMHeadModel(decoder_config, distill_softmax_dim=distill_dim)
+        if not from_scratch:
+            if not text_encoder or not text_decoder:
+                raise ValueError("text_encoder and text_decoder (Hugging Face BERT names or folders) are required "
+                                 "unless from_scratch is true")
+            load_pretrained_bert(self.text_encoder, text_encoder)
+            load_pretrained_bert(self.text_decoder, text_decoder)
+
+        if self.distill:
+            self.visual_encoder_m = vit_from_config(config)
+            self.text_encoder_m = BertModel(encoder_config, add_pooling_layer=False)
+            self.text_decoder_m = BertLMHeadModel(decoder_config, distill_softmax_dim=distill_dim)
+            self.init_momentum([
+                [self.visual_encoder, self.visual_encoder_m],
+                [self.text_encoder, self.text_encoder_m],
+                [self.text_decoder, self.text_decoder_m],
+            ], MOMENTUM)
+        if config.get("grad_checkpointing", False):
+            self.visual_encoder.set_grad_checkpointing(True)
+            self.text_encoder.set_grad_checkpointing(True)
+            self.text_decoder.set_grad_checkpointing(True)
+
+    # ---------------------------------------------------------------------------------------------
+
+    def _encode_question(self, visual_encoder: nn.Module, text_encoder: nn.Module, image: torch.Tensor,
+                         question: Any) -> torch.Tensor:
+        image_embeds = visual_encoder(image)
+        image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image.device)
+        return text_encoder(question.input_ids, attention_mask=question.attention_mask,
+                            encoder_hidden_states=image_embeds, encoder_attention_mask=image_atts,
+                            mode="multimodal").last_hidden_state
+
+    def forward(self, image: torch.Tensor, question: Any, answer: Any = None, alpha: float = 0.0,
+                k: Sequence[int] | int | None = None, weights: torch.Tensor | None = None, train: bool = True):
+        """Training (``train=True``): the loss ``sum(weights * answer NLL) / batch``, where ``answer``
+        holds the answers of every question, consecutive per question, ``k[b]`` of them for question
+        ``b``. Evaluation: ``rank_answer`` over the answer list ``answer`` with ``k`` = k_test,
+        returning ``(topk_ids, topk_probs)`` each ``(B, k)``."""
+        if answer is None:
+            raise ValueError("the VQA model needs the answer tokens (training answers or the answer list)")
+        if not train:
+            if k is None or isinstance(k, Sequence):
+                raise ValueError(f"evaluation needs k (the k_test number of ranked answers), got {k!r}")
+            states = self._encode_question(self.visual_encoder, self.text_encoder, image, question)
+            return self.rank_answer(states, question.attention_mask, answer.input_ids, answer.attention_mask,
+                                    int(k))
+
+        batch = image.shape[0]
+        counts = self._answer_counts(k, batch, answer.input_ids.shape[0]).to(image.device)
+        if weights is None or weights.shape != (answer.input_ids.shape[0],):
+            shape = None if weights is None else tuple(weights.shape)
+            raise ValueError(f"weights must hold one value per answer ({answer.input_ids.shape[0]}), got {shape}")
+        targets = answer.input_ids.masked_fill(answer.input_ids == self.pad_token_id, -100)
+
+        states = self._encode_question(self.visual_encoder, self.text_encoder, image, question)
+        states_rep = states.repeat_interleave(counts, dim=0)
+        atts_rep = question.attention_mask.repeat_interleave(counts, dim=0)
+
+        soft_labels = None
+        if self.distill:
+            with torch.no_grad():
+                self._momentum_update()
+                if self.distill_alpha:
+                    states_m = self._encode_question(self.visual_encoder_m, self.text_encoder_m, image, question)
+                    logits_m = self.text_decoder_m(answer.input_ids, attention_mask=answer.attention_mask,
+                                                   encoder_hidden_states=states_m.repeat_interleave(counts, dim=0),
+                                                   encoder_attention_mask=atts_rep, return_logits=True)
+                    soft_labels = F.softmax(logits_m, dim=-1)
+        output = self.text_decoder(answer.input_ids, attention_mask=answer.attention_mask,
+                                   encoder_hidden_states=states_rep, encoder_attention_mask=atts_rep,
+                                   labels=targets, soft_labels=soft_labels,
+                                   alpha=alpha if soft_labels is not None else 0.0, reduction="none")
+        return (weights * output.loss).sum() / batch
+
+    @staticmethod
+    def _answer_counts(k: Any, batch: int, num_answers: int) -> torch.Tensor:
+        if k is None or isinstance(k, int):
+            raise ValueError(f"training needs k, the number of answers of each question, got {k!r}")
+        counts = torch.as_tensor(list(k), dtype=torch.long)
+        if counts.numel() != batch or int(counts.sum()) != num_answers or bool((counts < 1).any()):
+            raise ValueError(f"answer counts k={list(k)} do not fit {batch} questions and {num_answers} answers")
+        return counts
+
+    @torch.no_grad()
+    def rank_answer(self, question_states: torch.Tensor, question_atts: torch.Tensor, answer_ids: torch.Tensor,
+                    answer_atts: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rank the answer list: the ``k`` answers with the most probable first token, re-scored by
+        ``log p(first token) - NLL(whole answer)`` (the first token counted twice, as the original) and
+        re-ordered by the softmax of those scores. Returns answer-list indices and probabilities."""
+        num_questions = question_states.shape[0]
+        num_answers = answer_ids.shape[0]
+        if not 1 <= k <= num_answers:
+            raise ValueError(f"k_test is {k} but the answer list has {num_answers} answers "
+                             f"(k_test must be between 1 and the number of answers)")
+        start_ids = answer_ids[0, 0].repeat(num_questions, 1)  # the [CLS] every answer starts with
+        start_logits = self.text_decoder(start_ids, encoder_hidden_states=question_states,
+                                         encoder_attention_mask=question_atts).logits[:, 0, :]
+        first_token_probs = F.softmax(start_logits, dim=1).index_select(1, answer_ids[:, 1])
+        topk_probs, topk_ids = first_token_probs.topk(k, dim=1)
+
+        # row i * k + j holds candidate j of question i
+        flat_ids = topk_ids.reshape(-1)
+        input_ids = answer_ids.index_select(0, flat_ids)
+        input_atts = answer_atts.index_select(0, flat_ids)
+        targets = input_ids.masked_fill(input_ids == self.pad_token_id, -100)
+        output = self.text_decoder(input_ids, attention_mask=input_atts,
+                                   encoder_hidden_states=question_states.repeat_interleave(k, dim=0),
+                                   encoder_attention_mask=question_atts.repeat_interleave(k, dim=0),
+                                   labels=targets, reduction="none")
+        scores = (topk_probs.reshape(-1).log() - output.loss).view(num_questions, k)
+        probs, order = F.softmax(scores, dim=-1).topk(k, dim=1)
+        return torch.gather(topk_ids, 1, order), probs
+
+
+# -------------------------------------------------------------------------------------------------
+# loading a pretraining checkpoint
+
+_ENCODER_LAYER = re.compile(r"^(text_encoder(?:_m)?)\.bert\.encoder\.layer\.(\d+)\.(.+)$")
+
+
+def is_pretrain_layout(keys: Iterable[str]) -> bool:
+    """Whether a state_dict has the pretraining model's text layout (``text_encoder.bert.*``, no decoder)."""
+    keys = list(keys)
+    return (any(k.startswith("text_encoder.bert.") for k in keys)
+            and not any(k.startswith(("text_decoder.", "text_decoder_m.")) for k in keys))
+
+
+def pretrain_key_sources(keys: Iterable[str], decoder_depth: int = DEFAULT_DECODER_DEPTH) -> dict[str, str]:
+    """The renamed keys of a pretraining checkpoint loaded into the VQA model, ``{target: source}``.
+
+    As the original ``VQA.py`` does for training runs: every ``text_encoder[_m].bert.X`` also appears as
+    ``text_encoder[_m].X``; the last ``decoder_depth`` encoder layers become decoder layers
+    ``0..decoder_depth-1`` (encoder layers 6-11 for the original 12 and 6), and the encoder's
+    embeddings and masked-LM head move to ``text_decoder[_m].bert.embeddings.*`` / ``text_decoder[_m].cls.*``.
+    Keys not listed keep their names.
+    """
+    keys = list(keys)
+    depth_by_prefix: dict[str, int] = {}
+    for key in keys:
+        match = _ENCODER_LAYER.match(key)
+        if match:
+            prefix, index = match.group(1), int(match.group(2))
+            depth_by_prefix[prefix] = max(depth_by_prefix.get(prefix, 0), index + 1)
+    for prefix, depth in depth_by_prefix.items():
+        if decoder_depth > depth:
+            raise ValueError(f"decoder_depth is {decoder_depth} but the checkpoint's {prefix} has only {depth} "
+                             "layers to initialise the answer decoder from")
+    sources: dict[str, str] = {}
+    for key in keys:
+        if not key.startswith(("text_encoder.", "text_encoder_m.")):
+            continue
+        prefix, rest = key.split(".", 1)
+        decoder = prefix.replace("text_encoder", "text_decoder")
+        if rest.startswith("bert."):
+            sources[f"{prefix}.{rest[len('bert.'):]}"] = key
+        match = _ENCODER_LAYER.match(key)
+        if match:
+            first = depth_by_prefix[prefix] - decoder_depth
+            index = int(match.group(2))
+            if index >= first:
+                sources[f"{decoder}.bert.encoder.layer.{index - first}.{match.group(3)}"] = key
+        else:
+            sources[f"{decoder}.{rest}"] = key
+    return sources
+
+
+def map_pretrain_checkpoint(state_dict: Mapping[str, torch.Tensor],
+                            decoder_depth: int = DEFAULT_DECODER_DEPTH) -> dict[str, torch.Tensor]:
+    """A pretraining-layout state_dict renamed for the VQA model (see :func:`pretrain_key_sources`);
+    the original ``text_encoder[_m].*`` keys are dropped. Other layouts are returned unchanged."""
+    if not is_pretrain_layout(state_dict):
+        return dict(state_dict)
+    sources = pretrain_key_sources(state_dict, decoder_depth)
+    mapped = {k: v for k, v in state_dict.items() if not k.startswith(("text_encoder.", "text_encoder_m."))}
+    for target, source in sources.items():
+        mapped[target] = state_dict[source]
+    return mapped
+
+
+def build_for_manifest(config: Mapping[str, Any], vocab_size: int) -> SIMLA:
+    """The model as the original builds it for a state-dict manifest (no pretrained weights)."""
+    tokenizer = SimpleNamespace(vocab_size=vocab_size, pad_token_id=PAD_ID)
+    return SIMLA(tokenizer=tokenizer, config=dict(config, from_scratch=True))
