@@ -61,10 +61,16 @@ def _normalize() -> T.Normalize:
     return T.Normalize(CLIP_MEAN, CLIP_STD)
 
 
+def dvae_resolution(config: Mapping[str, Any]) -> int:
+    """Side of the d-VAE input: the d-VAE downsamples by 8, so its code grid matches the ViT patch
+    grid (``image_res // 2`` for the original's 16-pixel patches)."""
+    return (int(config["image_res"]) // int(config.get("patch_size", 16))) * 8
+
+
 def build_transforms(config: Mapping[str, Any]) -> dict[str, Callable[[Image.Image], torch.Tensor]]:
     """Build the five image pipelines of the original ``create_dataset``.
 
-    Keys: ``pretrain`` (ViT view), ``visual_tokenizer`` (d-VAE view at ``image_res // 2``, mapped
+    Keys: ``pretrain`` (ViT view), ``visual_tokenizer`` (d-VAE view at :func:`dvae_resolution`, mapped
     with :func:`map_pixels`), ``train`` (retrieval / VQA / NLVR / VE), ``test`` (every eval split)
     and ``grounding_train``.
     """
@@ -82,7 +88,7 @@ def build_transforms(config: Mapping[str, Any]) -> dict[str, Callable[[Image.Ima
         ),
         "visual_tokenizer": T.Compose(
             [
-                T.RandomResizedCrop(res // 2, scale=PRETRAIN_CROP_SCALE, interpolation=bicubic),
+                T.RandomResizedCrop(dvae_resolution(config), scale=PRETRAIN_CROP_SCALE, interpolation=bicubic),
                 T.RandomHorizontalFlip(),
                 build_randaugment(config),
                 T.ToTensor(),
@@ -121,7 +127,7 @@ class PretrainViews:
     """Produce the two pretraining views of one PIL image: ``(image, image_for_tokenization)``.
 
     ``image`` is the normalised ViT input (``image_res``); ``image_for_tokenization`` is the d-VAE
-    input (``image_res // 2``, :func:`map_pixels`).
+    input (:func:`dvae_resolution`, :func:`map_pixels`).
 
     By default the views come from two independent random pipelines (different crop, flip and
     RandAugment draws), as in the original SIMLA code, drawn in its order: tokenizer view first,
@@ -131,7 +137,7 @@ class PretrainViews:
     With ``mim_aligned_views: true`` in the config, both views share one geometry: a single
     RandomResizedCrop box (scale 0.2-1.0) and flip decision produce the ``image_res`` crop, RandAugment
     runs once on it, the ViT view is that result and the tokenizer view is its bicubic downsample to
-    ``image_res // 2``. Every d-VAE code then describes exactly the region of the matching ViT patch.
+    :func:`dvae_resolution`. Every d-VAE code then describes exactly the region of the matching ViT patch.
     """
 
     def __init__(
@@ -141,6 +147,7 @@ class PretrainViews:
     ) -> None:
         self.aligned = bool(config.get("mim_aligned_views", False))
         self.image_res = int(config["image_res"])
+        self.patch_size = int(config.get("patch_size", 16))
         built = transforms if transforms is not None else build_transforms(config)
         self.image_transform = built["pretrain"]
         self.tokenizer_transform = built["visual_tokenizer"]
@@ -163,5 +170,6 @@ class PretrainViews:
         if torch.rand(1) < 0.5:
             crop = TF.hflip(crop)
         augmented = np.ascontiguousarray(self.randaugment(crop))
-        small = Image.fromarray(augmented).resize((res // 2, res // 2), Image.Resampling.BICUBIC)
+        size = dvae_resolution({"image_res": res, "patch_size": self.patch_size})
+        small = Image.fromarray(augmented).resize((size, size), Image.Resampling.BICUBIC)
         return self.to_image_tensor(augmented), self.to_tokenizer_tensor(small)
