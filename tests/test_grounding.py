@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import pickle
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +29,7 @@ from engine.grounding_eval import (
 )
 from models.simla.gradcam import check_block_num, itc_gradcam, itm_gradcam
 from models.tokenization import build_tokenizer
+from tests.script_helpers import free_port, script_env
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -270,21 +269,6 @@ def test_gradcam_grid_heads_padding_and_original_procedure() -> None:
 # --- end to end -----------------------------------------------------------------------------------------------
 
 
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-           and not k.startswith("SLURM_")}
-    env["OMP_NUM_THREADS"] = "1"
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def grounding_setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """Demo data (16 training images: 50 expressions; 8 test images: 24 expressions over val, testA,
@@ -311,10 +295,10 @@ def _run(setup: dict[str, str], out: Path, *flags: str, nproc: int = 1) -> subpr
     launcher = [PYTHON]
     if nproc > 1:
         launcher = [PYTHON, "-m", "torch.distributed.launch", f"--nproc_per_node={nproc}", "--use_env",
-                    f"--master_port={_free_port()}"]
+                    f"--master_port={free_port()}"]
     cmd = [*launcher, str(REPO / "Grounding.py"), "--config", str(DEMO_CONFIG), "--output_dir", str(out),
            "--text_encoder", VOCAB, "--device", "cpu", "--num_workers", "0", *flags, "--overrides", *overrides]
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    proc = subprocess.run(cmd, cwd=REPO, env=script_env(), capture_output=True, text=True, timeout=RUN_TIMEOUT)
     assert proc.returncode == 0, f"{' '.join(cmd)}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
     return proc
 

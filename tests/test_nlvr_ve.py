@@ -8,7 +8,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +25,7 @@ from models.simla import nlvr as nlvr_model
 from models.simla import pretrain_nlvr as pretrain_nlvr_model
 from models.simla import ve as ve_model
 from optim import create_optimizer
+from tests.script_helpers import free_port, script_env
 from utils import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -345,29 +345,14 @@ def test_datasets_reject_bad_entries(tmp_path):
 # --- the scripts end to end ------------------------------------------------------------------------------
 
 
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-           and not k.startswith("SLURM_")}
-    env["OMP_NUM_THREADS"] = "1"
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def run_script(args: list[str], processes: int = 1) -> str:
     """Run an entry script (two processes: ``torch.distributed.launch --use_env``); return its output."""
     for attempt in range(2):
         launcher = [PYTHON] if processes == 1 else [
             PYTHON, "-m", "torch.distributed.launch", f"--nproc_per_node={processes}",
-            f"--master_port={_free_port()}", "--use_env"]
+            f"--master_port={free_port()}", "--use_env"]
         proc = subprocess.Popen([*launcher, *args, "--device", "cpu", "--num_workers", "0",
-                                 "--text_encoder", DEMO_VOCAB], cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+                                 "--text_encoder", DEMO_VOCAB], cwd=REPO, env=script_env(), stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, start_new_session=True)
         try:
             output, _ = proc.communicate(timeout=RUN_TIMEOUT)

@@ -14,7 +14,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -26,6 +25,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from engine.consistency import ReplicaMismatchError, check_replicas_agree, state_fingerprint
+from tests.script_helpers import free_port, script_env
 from tests.test_utils import _fake_dictconfig, _install_fake_omegaconf
 from utils import load_checkpoint
 
@@ -56,22 +56,6 @@ FINGERPRINT_LINE = re.compile(r"^Model state fingerprint: ([0-9a-f]{64})(.*)$", 
 # --- running the script -------------------------------------------------------------------------------
 
 
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-           and not k.startswith("SLURM_")}
-    # one thread per process: the two-process runs share two cores, and results are reproducible
-    env["OMP_NUM_THREADS"] = "1"
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def torchrun() -> list[str]:
     exe = Path(PYTHON).with_name("torchrun")
     return [str(exe)] if exe.is_file() else [PYTHON, "-m", "torch.distributed.run"]
@@ -97,7 +81,7 @@ def launcher(name: str, port: int) -> list[str]:
 
 
 def _start(cmd: list[str]) -> subprocess.Popen:
-    return subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    return subprocess.Popen(cmd, cwd=REPO, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
 
 

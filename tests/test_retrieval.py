@@ -9,7 +9,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -39,6 +38,7 @@ from models.simla.retrieval import (
     rename_checkpoint_keys,
 )
 from models.tokenization import build_tokenizer
+from tests.script_helpers import free_port, script_env
 from utils import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -342,21 +342,6 @@ def test_itm_eval_ranks_and_recalls():
 # --- end-to-end runs ----------------------------------------------------------------------------------
 
 
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-           and not k.startswith("SLURM_")}
-    env["OMP_NUM_THREADS"] = "1"
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def run_script(name: str, data: dict[str, str], output_dir: Path, *flags: str, processes: int = 1,
                epochs: int = 1, test_file: str = "re_test", extra: tuple[str, ...] = ()) -> str:
     config = "configs/Retrieval_demo.yaml" if name == "Retrieval.py" else "configs/Retrieval_zero_shot_demo.yaml"
@@ -368,10 +353,10 @@ def run_script(name: str, data: dict[str, str], output_dir: Path, *flags: str, p
         launcher = [PYTHON]
         if processes > 1:
             launcher = [PYTHON, "-m", "torch.distributed.launch", f"--nproc_per_node={processes}",
-                        f"--master_port={_free_port()}", "--use_env"]
+                        f"--master_port={free_port()}", "--use_env"]
         cmd = [*launcher, name, "--config", config, "--output_dir", str(output_dir), "--text_encoder",
                DEMO_VOCAB, "--device", "cpu", "--num_workers", "0", *flags, "--overrides", *overrides]
-        proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(cmd, cwd=REPO, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, start_new_session=True)
         try:
             output, _ = proc.communicate(timeout=RUN_TIMEOUT)

@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +28,7 @@ from dataset.vqa import VQADataset, answer_weights, create_vqa_datasets
 from dataset.vqa_eval import answer_accuracy, merge_rank_results, normalize_answer, vqa_accuracy
 from models.simla.vqa import SIMLA, is_pretrain_layout, map_pretrain_checkpoint, pretrain_key_sources
 from models.tokenization import build_tokenizer
+from tests.script_helpers import free_port, script_env
 from utils import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -343,24 +343,9 @@ def test_demo_datasets_from_config(small_demo_data):
 # --- end-to-end runs of VQA.py -----------------------------------------------------------------------------
 
 
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-           and not k.startswith("SLURM_")}
-    env["OMP_NUM_THREADS"] = "1"
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _run(cmd_for_port, expect_success: bool = True) -> tuple[int, str]:
     for attempt in range(2):
-        proc = subprocess.Popen(cmd_for_port(_free_port()), cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+        proc = subprocess.Popen(cmd_for_port(free_port()), cwd=REPO, env=script_env(), stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, start_new_session=True)
         try:
             output, _ = proc.communicate(timeout=RUN_TIMEOUT)
