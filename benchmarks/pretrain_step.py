@@ -65,7 +65,7 @@ def make_batch(preset: dict, batch_size: int, device: torch.device, generator: t
     image = torch.randn(batch_size, 3, res, res, generator=generator)
     lengths = torch.randint(9, 14, (batch_size,), generator=generator)
     length = int(lengths.max())
-    ids = torch.randint(1000, preset["vocab_size"], (batch_size, length), generator=generator)
+    ids = torch.randint(min(1000, preset["vocab_size"] // 2), preset["vocab_size"], (batch_size, length), generator=generator)
     ids[:, 0] = 101
     mask = (torch.arange(length)[None, :] < lengths[:, None]).long()
     ids = ids * mask
