@@ -541,6 +541,16 @@ def load_pretrained_bert(model: BertModel | _BertWithHead, name_or_path: str, ve
     return missing, unexpected
 
 
+def pretrained_source(config: Any, name: str | None, what: str = "text_encoder") -> str | None:
+    """The Hugging Face BERT a task model initialises from: None with ``from_scratch: true``,
+    otherwise ``name``, which is then required."""
+    if config.get("from_scratch", False):
+        return None
+    if not name:
+        raise ValueError(f"{what} (a Hugging Face BERT name or folder) is required unless from_scratch is true")
+    return name
+
+
 def build_bert(cls: type, config: BertConfig, pretrained: str | None = None, **kwargs: Any):
     """Construct ``cls`` (BertModel, BertForMaskedLM or BertLMHeadModel), optionally from pretrained."""
     model = cls(config, **kwargs)

@@ -392,3 +392,12 @@ def test_dvae_refuses_pickled_code(tmp_path, monkeypatch):
     assert not (tmp_path / "PLANTED_MARKER").exists()
     with pytest.raises(FileNotFoundError, match="encoder.pkl"):
         DalleVAE.load(str(tmp_path / "missing"))
+
+
+def test_pretrained_source_follows_from_scratch():
+    from models.bert import pretrained_source
+
+    assert pretrained_source({"from_scratch": True}, "bert-base-uncased") is None
+    assert pretrained_source({}, "some/folder") == "some/folder"
+    with pytest.raises(ValueError, match="text_decoder .* is required unless from_scratch is true"):
+        pretrained_source({"from_scratch": False}, "", "text_decoder")

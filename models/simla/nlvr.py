@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.bert import BertModel, load_bert_config, load_pretrained_bert
+from models.bert import BertModel, load_bert_config, load_pretrained_bert, pretrained_source
 from models.simla.momentum import MomentumMixin
 from models.vit import vit_from_config
 
@@ -110,11 +110,7 @@ class SIMLA(MomentumMixin, nn.Module):
             raise ValueError("the NLVR model needs a config")
         self.tokenizer = tokenizer
         self.distill = bool(config["distill"])
-        from_scratch = bool(config.get("from_scratch", False))
-        if not from_scratch and not text_encoder:
-            raise ValueError("text_encoder (a Hugging Face BERT name or folder) is required unless "
-                             "from_scratch is true")
-        pretrained = None if from_scratch else text_encoder
+        pretrained = pretrained_source(config, text_encoder)
 
         self.visual_encoder = vit_from_config(config)
         self.text_encoder = build_nlvr_text_encoder(config, pretrained)

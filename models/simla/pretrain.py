@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.bert import BertForMaskedLM, load_bert_config, load_pretrained_bert
+from models.bert import BertForMaskedLM, build_bert, load_bert_config, pretrained_source
 from models.dvae import DALLE_VOCAB_SIZE
 from models.simla.momentum import MomentumMixin
 from models.vit import DEIT_BASE_URL, load_deit_weights, vit_from_config
@@ -79,12 +79,8 @@ class SIMLA(MomentumMixin, nn.Module):
 
         bert_config = load_bert_config(config["bert_config"])
         distill_dim = int(config.get("distill_softmax_dim", 1))
-        self.text_encoder = BertForMaskedLM(bert_config, distill_softmax_dim=distill_dim)
-        if not from_scratch:
-            if not text_encoder:
-                raise ValueError("text_encoder (a Hugging Face BERT name or folder) is required unless "
-                                 "from_scratch is true")
-            load_pretrained_bert(self.text_encoder, text_encoder)
+        self.text_encoder = build_bert(BertForMaskedLM, bert_config, pretrained_source(config, text_encoder),
+                                       distill_softmax_dim=distill_dim)
         text_width = bert_config.hidden_size
 
         self.vision_proj = nn.Linear(vision_width, embed_dim)

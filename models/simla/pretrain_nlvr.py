@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models.bert import pretrained_source
 from models.simla.nlvr import build_nlvr_text_encoder
 from models.vit import vit_from_config
 
@@ -76,15 +77,12 @@ class SIMLA(nn.Module):
         if config is None:
             raise ValueError("the NLVR pretraining model needs a config")
         self.tokenizer = tokenizer
-        from_scratch = bool(config.get("from_scratch", False))
-        if not from_scratch and not text_encoder:
-            raise ValueError("text_encoder (a Hugging Face BERT name or folder) is required unless "
-                             "from_scratch is true")
+        pretrained = pretrained_source(config, text_encoder)
         vision_width = int(config["vision_width"])
         embed_dim = int(config["embed_dim"])
 
         self.visual_encoder = vit_from_config(config)
-        self.text_encoder = build_nlvr_text_encoder(config, None if from_scratch else text_encoder)
+        self.text_encoder = build_nlvr_text_encoder(config, pretrained)
         text_width = self.text_encoder.config.hidden_size
         self.vision_proj = nn.Linear(vision_width, embed_dim)
         self.text_proj = nn.Linear(text_width, embed_dim)

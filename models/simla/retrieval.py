@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.bert import BertModel, load_bert_config, load_pretrained_bert
+from models.bert import BertModel, build_bert, load_bert_config, pretrained_source
 from models.simla.momentum import MomentumMixin
 from models.simla.pretrain import mask_tokens, sample_negatives
 from models.vit import DEIT_BASE_URL, interpolate_pos_embed, load_deit_weights, vit_from_config
@@ -65,12 +65,7 @@ class SIMLA(MomentumMixin, nn.Module):
             load_deit_weights(self.visual_encoder, config.get("deit_weights") or DEIT_BASE_URL)
 
         bert_config = load_bert_config(config["bert_config"])
-        self.text_encoder = BertModel(bert_config, add_pooling_layer=False)
-        if not from_scratch:
-            if not text_encoder:
-                raise ValueError("text_encoder (a Hugging Face BERT name or folder) is required unless "
-                                 "from_scratch is true")
-            load_pretrained_bert(self.text_encoder, text_encoder)
+        self.text_encoder = build_bert(BertModel, bert_config, pretrained_source(config, text_encoder))
         text_width = bert_config.hidden_size
 
         self.vision_proj = nn.Linear(vision_width, embed_dim)

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.bert import BertLMHeadModel, BertModel, load_bert_config, load_pretrained_bert
+from models.bert import BertLMHeadModel, BertModel, build_bert, load_bert_config, pretrained_source
 from models.simla.momentum import MomentumMixin
 from models.vit import vit_from_config
 
@@ -47,7 +47,6 @@ class SIMLA(MomentumMixin, nn.Module):
         self.pad_token_id = int(getattr(tokenizer, "pad_token_id", PAD_ID) if tokenizer is not None else PAD_ID)
         self.distill = bool(config["distill"])
         self.distill_alpha = bool(config.get("vqa_distill_alpha", False))
-        from_scratch = bool(config.get("from_scratch", False))
 
         encoder_config = load_bert_config(config["bert_config"])
         self.decoder_depth = int(config.get("decoder_depth", DEFAULT_DECODER_DEPTH))
@@ -57,14 +56,10 @@ class SIMLA(MomentumMixin, nn.Module):
         distill_dim = int(config.get("distill_softmax_dim", 1))
 
         self.visual_encoder = vit_from_config(config)
-        self.text_encoder = BertModel(encoder_config, add_pooling_layer=False)
-        self.text_decoder = BertLMHeadModel(decoder_config, distill_softmax_dim=distill_dim)
-        if not from_scratch:
-            if not text_encoder or not text_decoder:
-                raise ValueError("text_encoder and text_decoder (Hugging Face BERT names or folders) are required "
-                                 "unless from_scratch is true")
-            load_pretrained_bert(self.text_encoder, text_encoder)
-            load_pretrained_bert(self.text_decoder, text_decoder)
+        self.text_encoder = build_bert(BertModel, encoder_config, pretrained_source(config, text_encoder))
+        self.text_decoder = build_bert(BertLMHeadModel, decoder_config,
+                                       pretrained_source(config, text_decoder, "text_decoder"),
+                                       distill_softmax_dim=distill_dim)
 
         if self.distill:
             self.visual_encoder_m = vit_from_config(config)
