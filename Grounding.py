@@ -23,11 +23,13 @@ import torch
 from dataset import create_dataset, create_loader, create_sampler
 from dataset.annotations import read_json
 from dataset.grounding import ReferAnnotations
-from engine.checkpoint import read_checkpoint, save_training_checkpoint
+from dataset.resumable import create_train_loader
+from engine.checkpoint import read_checkpoint
 from engine.cli import base_parser
 from engine.grounding_eval import check_evaluation_inputs, collect_result, grounding_eval, grounding_maps
 from engine.loop import EpochSettings, train_one_epoch
 from engine.precision import grad_scaler
+from engine.resume import TrainingCheckpointer, resume_point
 from engine.runtime import RunContext, setup_run, wrap_ddp
 from engine.tracking import Tracker
 from models.simla.gradcam import DEFAULT_BLOCK_NUM, GRADCAM_MODES, check_block_num
@@ -35,7 +37,7 @@ from models.simla.retrieval import SIMLA, load_retrieval_checkpoint
 from models.tokenization import build_tokenizer
 from optim import create_optimizer
 from scheduler import create_scheduler, epoch_end_step
-from utils import append_log, barrier, get_rank, get_world_size, is_main_process
+from utils import append_log, barrier, broadcast_object, get_rank, get_world_size, is_main_process
 
 SCRIPT = "Grounding.py"
 LOSS_NAMES = ("loss_itm", "loss_ita")
@@ -69,14 +71,14 @@ def main(args: argparse.Namespace) -> None:
 
     print("Creating dataset")
     train_dataset, test_dataset = create_dataset("grounding", config)
-    if ctx.distributed:
-        samplers = create_sampler([train_dataset, test_dataset], [True, False], get_world_size(), get_rank())
-    else:
-        samplers = [None, None]
     batch_size = int(config["batch_size"])
-    train_loader, test_loader = create_loader([train_dataset, test_dataset], samplers, batch_size=[batch_size] * 2,
-                                              num_workers=[args.num_workers] * 2, is_trains=[True, False],
-                                              collate_fns=[None, None])
+    train_loader, train_sampler = create_train_loader(train_dataset, batch_size, args.num_workers,
+                                                      train_dataset.collate_fn, seed=args.seed,
+                                                      num_replicas=get_world_size(), rank=get_rank())
+    test_sampler = create_sampler([test_dataset], [False], get_world_size(), get_rank())[0] if ctx.distributed \
+        else None
+    test_loader = create_loader([test_dataset], [test_sampler], batch_size=[batch_size],
+                                num_workers=[args.num_workers], is_trains=[False], collate_fns=[None])[0]
     if not args.evaluate and len(train_loader) == 0:
         raise ValueError(f"{config['train_file']}: {len(train_dataset)} expressions give no full batch of "
                          f"{batch_size} per process")
@@ -93,10 +95,10 @@ def main(args: argparse.Namespace) -> None:
     print("Creating model")
     model = SIMLA(config=config, text_encoder=args.text_encoder, tokenizer=tokenizer)
     check_block_num(model, args.gradcam_mode, args.block_num)
+    checkpoint = None
     if args.checkpoint:
         checkpoint = read_checkpoint(args.checkpoint, trust=args.trust_checkpoint)
         load_retrieval_checkpoint(model, checkpoint["model"], args.checkpoint, SCRIPT)
-        del checkpoint
     model = model.to(device)
     # every parameter takes part in each step (momentum copies need no gradient), as the original's
     # _set_static_graph() declares
@@ -108,35 +110,51 @@ def main(args: argparse.Namespace) -> None:
     tracker = Tracker(args.log_backend, args.output_dir, config)
     max_epoch = int(config["schedular"]["epochs"])
     warmup_epochs = int(config["schedular"].get("warmup_epochs", 0) or 0)
-    settings = EpochSettings(loss_names=LOSS_NAMES, meter_window=1, warmup_epochs=warmup_epochs, amp=args.amp)
+    settings = EpochSettings(loss_names=LOSS_NAMES, meter_window=1, warmup_epochs=warmup_epochs, amp=args.amp,
+                             counted_batches=True, skip_nonfinite=args.skip_nonfinite,
+                             save_every_steps=args.save_every_steps)
     skip_empty_fix = bool(config.get("grounding_skip_empty_fix", False))
-    best = 0.0
+    checkpointer = TrainingCheckpointer(args.output_dir, model_without_ddp, optimizer, scheduler, config, scaler,
+                                        train_sampler, batch_size)
+    point = resume_point(checkpointer, checkpoint if not args.evaluate else None, args, len(train_loader),
+                         epoch_end_warmup=warmup_epochs)
+    del checkpoint
+    best = float(point.extra.get("best", 0.0))
 
     print("Start training")
     start_time = time.time()
-    for epoch in range(max_epoch):
+    checkpointer.start(point)
+    for epoch in range(point.epoch, max_epoch):
         train_stats: dict[str, Any] = {}
         if not args.evaluate:
             step = make_step(model, tokenizer, config, device, epoch)
             train_stats = train_one_epoch(model, train_loader, optimizer, scheduler, epoch, device, step, settings,
-                                          scaler=scaler, sampler=samplers[0],
-                                          on_step=tracker.step_callback(epoch, len(train_loader), optimizer))
+                                          scaler=scaler, sampler=train_sampler,
+                                          on_step=tracker.step_callback(epoch, len(train_loader), optimizer),
+                                          start_step=point.step if epoch == point.epoch else 0,
+                                          save_step=lambda next_step, e=epoch, b=best:
+                                          checkpointer.save_last(e, next_step, best=b))
         result = grounding_maps(model_without_ddp, test_loader, tokenizer, device, args.gradcam_mode,
                                 args.block_num, amp=args.amp)
         results = collect_result(result, result_dir, f"epoch{epoch}")
+        improved = False
         if is_main_process():
             grounding_acc = grounding_eval(results, dets, refer, skip_empty_fix=skip_empty_fix,
                                            det_file=config["det_file"])
             log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, **grounding_acc, "epoch": epoch}
-            if not args.evaluate and grounding_acc["val_d"] > best:
-                save_training_checkpoint(os.path.join(args.output_dir, BEST_CHECKPOINT), model_without_ddp,
-                                         optimizer, scheduler, config, epoch)
+            improved = not args.evaluate and grounding_acc["val_d"] > best
+            if improved:
                 best = grounding_acc["val_d"]
             append_log(args.output_dir, log_stats)
             tracker.log({f"test/{k}": v for k, v in grounding_acc.items()}, step=(epoch + 1) * len(train_loader))
         if args.evaluate:
             break
+        # the scores exist on the main process; every process takes part in saving
+        best, improved = broadcast_object((best, improved))
+        if improved:
+            checkpointer.save(os.path.join(args.output_dir, BEST_CHECKPOINT), epoch, best=best)
         epoch_end_step(scheduler, epoch, warmup_epochs)
+        checkpointer.finish_epoch(epoch, keep_last=args.save_every_steps > 0, best=best)
         barrier()
 
     tracker.close()
@@ -155,6 +173,8 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 if __name__ == "__main__":
+    from engine.runtime import run_entry
+
     cli_args = get_parser().parse_args()
     os.makedirs(cli_args.output_dir, exist_ok=True)
-    main(cli_args)
+    run_entry(main, cli_args)

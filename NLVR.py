@@ -19,17 +19,18 @@ from typing import Any
 import torch
 
 from dataset import create_dataset, create_loader, create_sampler
+from dataset.resumable import create_train_loader
 from engine.accuracy import evaluate_accuracy
 from engine.checkpoint import (
     checkpoint_path,
     interpolate_pos_embeds,
     load_model_state,
     read_checkpoint,
-    save_training_checkpoint,
 )
 from engine.cli import base_parser
 from engine.loop import EpochSettings, train_one_epoch
 from engine.precision import grad_scaler
+from engine.resume import TrainingCheckpointer, resume_point
 from engine.runtime import RunContext, setup_run, wrap_ddp
 from engine.tracking import Tracker
 from models.simla.nlvr import SIMLA
@@ -70,7 +71,7 @@ def make_predict(model: torch.nn.Module, tokenizer: Any, device: torch.device):
     return predict
 
 
-def load_nlvr_checkpoint(model: SIMLA, path: str, config: dict, trust: bool) -> None:
+def load_nlvr_checkpoint(model: SIMLA, path: str, config: dict, trust: bool) -> dict[str, Any]:
     """Load a ``Pretrain_NLVR.py`` (or ``NLVR.py``) checkpoint without renaming keys.
 
     The original makes the momentum models copies of the freshly built online models *before*
@@ -86,6 +87,7 @@ def load_nlvr_checkpoint(model: SIMLA, path: str, config: dict, trust: bool) -> 
     print(load_model_state(model, state_dict, path, strict=False))
     if after:
         model.copy_params()
+    return checkpoint
 
 
 def main(args: argparse.Namespace) -> None:
@@ -97,12 +99,15 @@ def main(args: argparse.Namespace) -> None:
     for key, dataset in zip(SPLIT_KEYS, datasets):
         if len(dataset) == 0:
             raise ValueError(f"config key {key!r}: {config[key]} holds no examples")
-    samplers = (create_sampler(datasets, [True, False, False], get_world_size(), get_rank())
-                if ctx.distributed else [None, None, None])
     batch_size = int(config["batch_size"])
-    train_loader, val_loader, test_loader = create_loader(
-        datasets, samplers, batch_size=[batch_size] * 3, num_workers=[args.num_workers] * 3,
-        is_trains=[True, False, False], collate_fns=[None, None, None])
+    train_loader, train_sampler = create_train_loader(datasets[0], batch_size, args.num_workers,
+                                                      datasets[0].collate_fn, seed=args.seed,
+                                                      num_replicas=get_world_size(), rank=get_rank())
+    eval_samplers = (create_sampler(datasets[1:], [False, False], get_world_size(), get_rank())
+                     if ctx.distributed else [None, None])
+    val_loader, test_loader = create_loader(
+        datasets[1:], eval_samplers, batch_size=[batch_size] * 2, num_workers=[args.num_workers] * 2,
+        is_trains=[False, False], collate_fns=[None, None])
     if len(train_loader) == 0:
         raise ValueError(f"{config['train_file']}: {len(datasets[0])} examples give no full batch of "
                          f"{batch_size} per process")
@@ -110,8 +115,8 @@ def main(args: argparse.Namespace) -> None:
     tokenizer = build_tokenizer(args.text_encoder)
     print("Creating model")
     model = SIMLA(config=config, text_encoder=args.text_encoder, tokenizer=tokenizer)
-    if args.checkpoint:
-        load_nlvr_checkpoint(model, args.checkpoint, config, args.trust_checkpoint)
+    checkpoint = load_nlvr_checkpoint(model, args.checkpoint, config, args.trust_checkpoint) if args.checkpoint \
+        else None
     model = model.to(device)
     model, model_without_ddp = wrap_ddp(model, ctx)
     optimizer = create_optimizer(config["optimizer"], model)
@@ -120,33 +125,43 @@ def main(args: argparse.Namespace) -> None:
     max_epoch = int(config["schedular"]["epochs"])
     warmup_epochs = int(config["schedular"].get("warmup_epochs", 0) or 0)
     settings = EpochSettings(loss_names=("loss",), stats_format="{:.4f}", warmup_epochs=warmup_epochs,
-                             amp=args.amp)
+                             amp=args.amp, counted_batches=True, skip_nonfinite=args.skip_nonfinite,
+                             save_every_steps=args.save_every_steps)
     scaler = grad_scaler(device, args.amp)
+    checkpointer = TrainingCheckpointer(args.output_dir, model_without_ddp, optimizer, scheduler, config, scaler,
+                                        train_sampler, batch_size)
+    point = resume_point(checkpointer, checkpoint, args, len(train_loader), epoch_end_warmup=warmup_epochs)
+    del checkpoint
+    best, best_epoch = float(point.extra.get("best", 0.0)), int(point.extra.get("best_epoch", 0))
     predict = make_predict(model_without_ddp, tokenizer, device)
-    best, best_epoch = 0.0, 0
     tracker = Tracker(args.log_backend, args.output_dir, config)
     print("Start training")
     start_time = time.time()
-    for epoch in range(0, max_epoch):
+    checkpointer.start(point)
+    for epoch in range(point.epoch, max_epoch):
         step = make_step(model, tokenizer, config, device, epoch)
         train_stats = train_one_epoch(model, train_loader, optimizer, scheduler, epoch, device, step, settings,
-                                      scaler=scaler, sampler=samplers[0],
-                                      on_step=tracker.step_callback(epoch, len(train_loader), optimizer))
+                                      scaler=scaler, sampler=train_sampler,
+                                      on_step=tracker.step_callback(epoch, len(train_loader), optimizer),
+                                      start_step=point.step if epoch == point.epoch else 0,
+                                      save_step=lambda next_step, e=epoch, b=best, be=best_epoch: checkpointer.save_last(
+                                          e, next_step, best=b, best_epoch=be))
         val_stats = evaluate_accuracy(model_without_ddp, val_loader, predict, device, args.amp)
         test_stats = evaluate_accuracy(model_without_ddp, test_loader, predict, device, args.amp)
         tracker.log({"val_acc": float(val_stats["acc"]), "test_acc": float(test_stats["acc"])},
                     (epoch + 1) * len(train_loader))
+        improved = float(val_stats["acc"]) > best
+        if improved:
+            best, best_epoch = float(val_stats["acc"]), epoch
+            checkpointer.save(checkpoint_path(args.output_dir, epoch), epoch, best=best, best_epoch=best_epoch)
         if is_main_process():
             log_stats = {**{f"train_{k}": v for k, v in train_stats.items()},
                          **{f"val_{k}": v for k, v in val_stats.items()},
                          **{f"test_{k}": v for k, v in test_stats.items()},
                          "epoch": epoch}
-            if float(val_stats["acc"]) > best:
-                save_training_checkpoint(checkpoint_path(args.output_dir, epoch), model_without_ddp, optimizer,
-                                         scheduler, config, epoch)
-                best, best_epoch = float(val_stats["acc"]), epoch
             append_log(args.output_dir, log_stats)
         epoch_end_step(scheduler, epoch, warmup_epochs)
+        checkpointer.finish_epoch(epoch, keep_last=args.save_every_steps > 0, best=best, best_epoch=best_epoch)
         barrier()
     tracker.close()
     print(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
@@ -159,6 +174,8 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 if __name__ == "__main__":
+    from engine.runtime import run_entry
+
     cli_args = get_parser().parse_args()
     os.makedirs(cli_args.output_dir, exist_ok=True)
-    main(cli_args)
+    run_entry(main, cli_args)

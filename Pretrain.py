@@ -15,18 +15,14 @@ from typing import Any
 
 import torch
 
-from dataset import SafeCollate, create_dataset, create_loader, create_sampler
-from engine.checkpoint import (
-    checkpoint_path,
-    interpolate_pos_embeds,
-    load_model_state,
-    read_checkpoint,
-    save_training_checkpoint,
-)
+from dataset import SafeCollate, create_dataset
+from dataset.resumable import create_train_loader
+from engine.checkpoint import checkpoint_path, interpolate_pos_embeds, load_model_state, read_checkpoint
 from engine.cli import base_parser
 from engine.consistency import check_replicas_agree
 from engine.loop import EpochSettings, train_one_epoch
 from engine.precision import grad_scaler
+from engine.resume import ResumePoint, TrainingCheckpointer
 from engine.runtime import RunContext, setup_run, wrap_ddp
 from engine.tracking import Tracker
 from models.dvae import DalleVAE
@@ -34,7 +30,7 @@ from models.simla.pretrain import SIMLA
 from models.tokenization import build_tokenizer
 from optim import create_optimizer
 from scheduler import create_scheduler, epoch_start_step
-from utils import append_log, barrier, get_rank, get_world_size, is_main_process, str2bool
+from utils import append_log, barrier, get_rank, get_world_size, is_main_process
 
 LOSS_NAMES = ("loss_mlm", "loss_ita", "loss_itm", "loss_mim", "loss_pseudo")
 
@@ -69,9 +65,9 @@ def main(args: argparse.Namespace) -> None:
 
     print("Creating dataset")
     dataset = create_dataset("pretrain", config)
-    samplers = create_sampler([dataset], [True], get_world_size(), get_rank()) if ctx.distributed else [None]
-    loader = create_loader([dataset], samplers, batch_size=[int(config["batch_size"])],
-                           num_workers=[args.num_workers], is_trains=[True], collate_fns=[SafeCollate()])[0]
+    batch_size = int(config["batch_size"])
+    loader, sampler = create_train_loader(dataset, batch_size, args.num_workers, SafeCollate(), seed=args.seed,
+                                          num_replicas=get_world_size(), rank=get_rank())
     if len(loader) == 0:
         raise ValueError(f"{config['train_file']}: {len(dataset)} samples give no full batch of "
                          f"{config['batch_size']} per process")
@@ -84,19 +80,14 @@ def main(args: argparse.Namespace) -> None:
     scheduler, _ = create_scheduler(config["schedular"], optimizer)
     scaler = grad_scaler(device, args.amp)
 
-    start_epoch = 0
+    checkpointer = TrainingCheckpointer(args.output_dir, model, optimizer, scheduler, config, scaler, sampler,
+                                        batch_size)
+    point = ResumePoint()
     if args.checkpoint:
         checkpoint = read_checkpoint(args.checkpoint, trust=args.trust_checkpoint)
         state_dict = dict(checkpoint["model"])
         if args.resume:
-            for key in ("optimizer", "lr_scheduler", "epoch"):
-                if key not in checkpoint:
-                    raise KeyError(f"{args.checkpoint}: --resume needs a '{key}' entry in the checkpoint")
-            optimizer.load_state_dict(checkpoint["optimizer"])
-            scheduler.load_state_dict(checkpoint["lr_scheduler"])
-            if "scaler" in checkpoint and scaler.is_enabled():
-                scaler.load_state_dict(checkpoint["scaler"])
-            start_epoch = int(checkpoint["epoch"]) + 1
+            point = checkpointer.restore(checkpoint, args.checkpoint, len(loader))
         else:
             interpolate_pos_embeds(state_dict, model)
         load_model_state(model, state_dict, args.checkpoint, strict=True)
@@ -115,18 +106,25 @@ def main(args: argparse.Namespace) -> None:
     settings = EpochSettings(loss_names=LOSS_NAMES, warmup_epochs=warmup_epochs, amp=args.amp,
                              counted_batches=True)
 
+    settings.skip_nonfinite = args.skip_nonfinite
+    settings.save_every_steps = args.save_every_steps
+
     print("Start training")
     start_time = time.time()
-    for epoch in range(start_epoch, max_epoch):
-        epoch_start_step(scheduler, epoch, warmup_epochs)
+    checkpointer.start(point)
+    for epoch in range(point.epoch, max_epoch):
+        start_step = point.step if epoch == point.epoch else 0
+        if start_step == 0:
+            epoch_start_step(scheduler, epoch, warmup_epochs)
         step = make_step(model, tokenizer, dvae, config, device, epoch)
         train_stats = train_one_epoch(model, loader, optimizer, scheduler, epoch, device, step, settings,
-                                      scaler=scaler, sampler=samplers[0],
-                                      on_step=tracker.step_callback(epoch, len(loader), optimizer))
+                                      scaler=scaler, sampler=sampler,
+                                      on_step=tracker.step_callback(epoch, len(loader), optimizer),
+                                      start_step=start_step,
+                                      save_step=lambda next_step, e=epoch: checkpointer.save_last(e, next_step))
+        checkpointer.finish_epoch(epoch, checkpoint_path(args.output_dir, epoch),
+                                  keep_last=args.save_every_steps > 0)
         if is_main_process():
-            save_training_checkpoint(checkpoint_path(args.output_dir, epoch), model_without_ddp, optimizer,
-                                     scheduler, config, epoch,
-                                     **({"scaler": scaler.state_dict()} if scaler.is_enabled() else {}))
             log_stats = {f"train_{k}": v for k, v in train_stats.items()}
             log_stats["epoch"] = epoch
             append_log(args.output_dir, log_stats)
@@ -141,12 +139,12 @@ def main(args: argparse.Namespace) -> None:
 
 def get_parser() -> argparse.ArgumentParser:
     parser = base_parser("SIMLA pretraining", "./configs/Pretrain.yaml", "Pretrain/")
-    parser.add_argument("--resume", default=False, type=str2bool,
-                        help="with --checkpoint: restore optimizer, scheduler and continue at the next epoch")
     return parser
 
 
 if __name__ == "__main__":
+    from engine.runtime import run_entry
+
     cli_args = get_parser().parse_args()
     os.makedirs(cli_args.output_dir, exist_ok=True)
-    main(cli_args)
+    run_entry(main, cli_args)

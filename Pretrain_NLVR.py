@@ -19,17 +19,18 @@ from typing import Any
 
 import torch
 
-from dataset import SafeCollate, create_dataset, create_loader, create_sampler
+from dataset import SafeCollate, create_dataset
+from dataset.resumable import create_train_loader
 from engine.checkpoint import (
     checkpoint_path,
     interpolate_pos_embeds,
     load_model_state,
     read_checkpoint,
-    save_training_checkpoint,
 )
 from engine.cli import base_parser
 from engine.loop import EpochSettings, train_one_epoch
 from engine.precision import grad_scaler
+from engine.resume import ResumePoint, TrainingCheckpointer
 from engine.runtime import RunContext, setup_run, wrap_ddp
 from engine.tracking import Tracker
 from models.simla.nlvr import nlvr_layout
@@ -72,10 +73,10 @@ def main(args: argparse.Namespace) -> None:
 
     print("Creating dataset")
     dataset = create_dataset("pretrain", config)
-    samplers = create_sampler([dataset], [True], get_world_size(), get_rank()) if ctx.distributed else [None]
+    batch_size = int(config["batch_size"])
     # the original used the default collate, which fails on an unreadable image; replace it instead
-    loader = create_loader([dataset], samplers, batch_size=[int(config["batch_size"])],
-                           num_workers=[args.num_workers], is_trains=[True], collate_fns=[SafeCollate()])[0]
+    loader, sampler = create_train_loader(dataset, batch_size, args.num_workers, SafeCollate(), seed=args.seed,
+                                          num_replicas=get_world_size(), rank=get_rank())
     if len(loader) == 0:
         raise ValueError(f"{config['train_file']}: {len(dataset)} samples give no full batch of "
                          f"{config['batch_size']} per process")
@@ -86,26 +87,41 @@ def main(args: argparse.Namespace) -> None:
     model = model.to(device)
     optimizer = create_optimizer(config["optimizer"], model)
     scheduler, _ = create_scheduler(config["schedular"], optimizer)
-    if args.checkpoint:
+    scaler = grad_scaler(device, args.amp)
+    checkpointer = TrainingCheckpointer(args.output_dir, model, optimizer, scheduler, config, scaler, sampler,
+                                        batch_size)
+    point = ResumePoint()
+    if args.checkpoint and args.resume:
+        # a checkpoint of this script: same keys, nothing to convert
+        checkpoint = read_checkpoint(args.checkpoint, trust=args.trust_checkpoint)
+        point = checkpointer.restore(checkpoint, args.checkpoint, len(loader))
+        load_model_state(model, dict(checkpoint["model"]), args.checkpoint, strict=True)
+        del checkpoint
+    elif args.checkpoint:
         load_pretraining_checkpoint(model, args.checkpoint, config, args.trust_checkpoint)
     # vision_proj, text_proj and temp get no gradient
     model, model_without_ddp = wrap_ddp(model, ctx, find_unused_parameters=True)
 
     settings = EpochSettings(loss_names=("loss",), warmup_epochs=warmup_epochs, amp=args.amp,
-                             counted_batches=True)
-    scaler = grad_scaler(device, args.amp)
+                             counted_batches=True, skip_nonfinite=args.skip_nonfinite,
+                             save_every_steps=args.save_every_steps)
     step = make_step(model, tokenizer, device)
     tracker = Tracker(args.log_backend, args.output_dir, config)
     print("Start training")
     start_time = time.time()
-    for epoch in range(0, max_epoch):
-        epoch_start_step(scheduler, epoch, warmup_epochs)
+    checkpointer.start(point)
+    for epoch in range(point.epoch, max_epoch):
+        start_step = point.step if epoch == point.epoch else 0
+        if start_step == 0:
+            epoch_start_step(scheduler, epoch, warmup_epochs)
         train_stats = train_one_epoch(model, loader, optimizer, scheduler, epoch, device, step, settings,
-                                      scaler=scaler, sampler=samplers[0],
-                                      on_step=tracker.step_callback(epoch, len(loader), optimizer))
+                                      scaler=scaler, sampler=sampler,
+                                      on_step=tracker.step_callback(epoch, len(loader), optimizer),
+                                      start_step=start_step,
+                                      save_step=lambda next_step, e=epoch: checkpointer.save_last(e, next_step))
+        checkpointer.finish_epoch(epoch, checkpoint_path(args.output_dir, epoch),
+                                  keep_last=args.save_every_steps > 0)
         if is_main_process():
-            save_training_checkpoint(checkpoint_path(args.output_dir, epoch), model_without_ddp, optimizer,
-                                     scheduler, config, epoch)
             append_log(args.output_dir, {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch})
         barrier()
     tracker.close()
@@ -120,6 +136,8 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 if __name__ == "__main__":
+    from engine.runtime import run_entry
+
     cli_args = get_parser().parse_args()
     os.makedirs(cli_args.output_dir, exist_ok=True)
-    main(cli_args)
+    run_entry(main, cli_args)

@@ -19,11 +19,13 @@ from typing import Any
 
 import torch
 
-from dataset import create_dataset, create_loader, create_sampler
-from engine.checkpoint import read_checkpoint, save_training_checkpoint
+from dataset import create_dataset, create_loader
+from dataset.resumable import create_train_loader
+from engine.checkpoint import read_checkpoint
 from engine.cli import base_parser
 from engine.loop import EpochSettings, train_one_epoch
 from engine.precision import grad_scaler
+from engine.resume import TrainingCheckpointer, resume_point
 from engine.retrieval_eval import evaluation, itm_eval
 from engine.runtime import RunContext, setup_run, wrap_ddp
 from engine.tracking import Tracker
@@ -31,7 +33,7 @@ from models.simla.retrieval import SIMLA, load_retrieval_checkpoint
 from models.tokenization import build_tokenizer
 from optim import create_optimizer
 from scheduler import create_scheduler, epoch_end_step
-from utils import append_log, barrier, get_rank, get_world_size, is_main_process, str2bool
+from utils import append_log, barrier, broadcast_object, get_rank, get_world_size, is_main_process, str2bool
 
 SCRIPT = "Retrieval.py"
 LOSS_NAMES = ("loss_itm", "loss_ita")
@@ -61,11 +63,12 @@ def main(args: argparse.Namespace) -> None:
 
     print("Creating retrieval dataset")
     train_dataset, _val_dataset, test_dataset = create_dataset("re", config)
-    train_sampler = create_sampler([train_dataset], [True], get_world_size(), get_rank())[0] if ctx.distributed else None
-    train_loader, test_loader = create_loader(
-        [train_dataset, test_dataset], [train_sampler, None],
-        batch_size=[int(config["batch_size_train"]), int(config["batch_size_test"])],
-        num_workers=[args.num_workers] * 2, is_trains=[True, False], collate_fns=[None, None])
+    train_bs = int(config["batch_size_train"])
+    train_loader, train_sampler = create_train_loader(train_dataset, train_bs, args.num_workers,
+                                                      train_dataset.collate_fn,
+                                                      seed=args.seed, num_replicas=get_world_size(), rank=get_rank())
+    test_loader = create_loader([test_dataset], [None], batch_size=[int(config["batch_size_test"])],
+                                num_workers=[args.num_workers], is_trains=[False], collate_fns=[None])[0]
     if not args.evaluate and len(train_loader) == 0:
         raise ValueError(f"{config['train_file']}: {len(train_dataset)} captions give no full batch of "
                          f"{config['batch_size_train']} per process")
@@ -85,36 +88,36 @@ def main(args: argparse.Namespace) -> None:
     optimizer = create_optimizer(config["optimizer"], model)
     scheduler, _ = create_scheduler(config["schedular"], optimizer)
     scaler = grad_scaler(device, args.amp)
-    start_epoch, best, best_epoch = 0, 0.0, 0
-    if args.resume and checkpoint is not None:
-        for key in ("optimizer", "lr_scheduler", "epoch"):
-            if key not in checkpoint:
-                raise KeyError(f"{args.checkpoint}: --resume needs a '{key}' entry in the checkpoint")
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["lr_scheduler"])
-        if "scaler" in checkpoint and scaler.is_enabled():
-            scaler.load_state_dict(checkpoint["scaler"])
-        start_epoch = int(checkpoint["epoch"]) + 1
-        best_epoch = int(checkpoint["epoch"])
-        # checkpoint_best.pth is written when r_mean improves; its value is needed to go on comparing
-        best = float(checkpoint.get("best_r_mean", 0.0))
+    max_epoch = int(config["schedular"]["epochs"])
+    warmup_epochs = int(config["schedular"].get("warmup_epochs", 0) or 0)
+    checkpointer = TrainingCheckpointer(args.output_dir, model_without_ddp, optimizer, scheduler, config, scaler,
+                                        train_sampler, train_bs)
+    point = resume_point(checkpointer, checkpoint, args, len(train_loader), epoch_end_warmup=warmup_epochs)
+    # checkpoint_best.pth is written when r_mean improves; its value is needed to go on comparing
+    best = float(point.extra.get("best_r_mean", 0.0))
+    best_epoch = int(point.extra.get("best_epoch", point.epoch - 1 if args.resume else 0))
     del checkpoint
 
     tracker = Tracker(args.log_backend, args.output_dir, config)
-    max_epoch = int(config["schedular"]["epochs"])
-    warmup_epochs = int(config["schedular"].get("warmup_epochs", 0) or 0)
-    settings = EpochSettings(loss_names=LOSS_NAMES, meter_window=1, warmup_epochs=warmup_epochs, amp=args.amp)
+    settings = EpochSettings(loss_names=LOSS_NAMES, meter_window=1, warmup_epochs=warmup_epochs, amp=args.amp,
+                             counted_batches=True, skip_nonfinite=args.skip_nonfinite,
+                             save_every_steps=args.save_every_steps)
 
     print("Start training")
     start_time = time.time()
-    for epoch in range(start_epoch, max_epoch):
+    checkpointer.start(point)
+    for epoch in range(point.epoch, max_epoch):
         train_stats: dict[str, Any] = {}
         if not args.evaluate:
             step = make_step(model, tokenizer, config, device, epoch)
             train_stats = train_one_epoch(model, train_loader, optimizer, scheduler, epoch, device, step, settings,
                                           scaler=scaler, sampler=train_sampler,
-                                          on_step=tracker.step_callback(epoch, len(train_loader), optimizer))
+                                          on_step=tracker.step_callback(epoch, len(train_loader), optimizer),
+                                          start_step=point.step if epoch == point.epoch else 0,
+                                          save_step=lambda next_step, e=epoch, b=best, be=best_epoch:
+                                          checkpointer.save_last(e, next_step, best_r_mean=b, best_epoch=be))
         scores = evaluation(model_without_ddp, test_loader, tokenizer, device, config, amp=args.amp)
+        improved = False
         if is_main_process():
             test_result = itm_eval(scores.score_i2t, scores.score_t2i, test_dataset.txt2img, test_dataset.img2txt)
             print(test_result)
@@ -122,14 +125,19 @@ def main(args: argparse.Namespace) -> None:
                          **{f"test_{k}": v for k, v in test_result.items()}, "epoch": epoch}
             append_log(args.output_dir, log_stats)
             tracker.log({f"test/{k}": v for k, v in test_result.items()}, step=(epoch + 1) * len(train_loader))
-            if not args.evaluate and test_result["r_mean"] > best:
+            improved = not args.evaluate and test_result["r_mean"] > best
+            if improved:
                 best, best_epoch = test_result["r_mean"], epoch
-                extra = {"scaler": scaler.state_dict()} if scaler.is_enabled() else {}
-                save_training_checkpoint(os.path.join(args.output_dir, BEST_CHECKPOINT), model_without_ddp,
-                                         optimizer, scheduler, config, epoch, best_r_mean=best, **extra)
         if args.evaluate:
             break
+        # the metrics are computed on the main process; every process takes part in saving
+        best, best_epoch, improved = broadcast_object((best, best_epoch, improved))
+        if improved:
+            checkpointer.save(os.path.join(args.output_dir, BEST_CHECKPOINT), epoch, best_r_mean=best,
+                              best_epoch=best_epoch)
         epoch_end_step(scheduler, epoch, warmup_epochs)
+        checkpointer.finish_epoch(epoch, keep_last=args.save_every_steps > 0, best_r_mean=best,
+                                  best_epoch=best_epoch)
         barrier()
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -146,12 +154,12 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--evaluate", action="store_true", help="evaluate --checkpoint on test_file and stop")
     parser.add_argument("--freeze_visual_encoder", default=False, type=str2bool,
                         help="keep the image encoder fixed (its momentum copy still follows it)")
-    parser.add_argument("--resume", default=False, type=str2bool,
-                        help="with --checkpoint: restore optimizer, scheduler and continue at the next epoch")
     return parser
 
 
 if __name__ == "__main__":
+    from engine.runtime import run_entry
+
     cli_args = get_parser().parse_args()
     os.makedirs(cli_args.output_dir, exist_ok=True)
-    main(cli_args)
+    run_entry(main, cli_args)

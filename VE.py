@@ -21,16 +21,17 @@ from typing import Any
 import torch
 
 from dataset import create_dataset, create_loader, create_sampler
+from dataset.resumable import create_train_loader
 from engine.accuracy import evaluate_accuracy
 from engine.checkpoint import (
     interpolate_pos_embeds,
     load_model_state,
     read_checkpoint,
-    save_training_checkpoint,
 )
 from engine.cli import base_parser
 from engine.loop import EpochSettings, train_one_epoch
 from engine.precision import grad_scaler
+from engine.resume import TrainingCheckpointer, resume_point
 from engine.runtime import RunContext, setup_run, wrap_ddp
 from engine.tracking import Tracker
 from models.simla.ve import SIMLA, strip_bert_prefix
@@ -72,9 +73,9 @@ def make_predict(model: torch.nn.Module, tokenizer: Any, device: torch.device):
     return predict
 
 
-def load_ve_checkpoint(model: SIMLA, path: str, config: dict, evaluate: bool, trust: bool) -> None:
-    """A pretraining checkpoint (``bert.`` removed from its keys) or, with ``evaluate``, a VE checkpoint
-    loaded as it is."""
+def load_ve_checkpoint(model: SIMLA, path: str, config: dict, evaluate: bool, trust: bool) -> dict[str, Any]:
+    """A pretraining checkpoint (``bert.`` removed from its keys) or, with ``evaluate`` (also used to
+    resume), a VE checkpoint loaded as it is. Returns the checkpoint."""
     checkpoint = read_checkpoint(path, trust=trust)
     state_dict = dict(checkpoint["model"])
     interpolate_pos_embeds(state_dict, model, names=("visual_encoder",))
@@ -83,6 +84,7 @@ def load_ve_checkpoint(model: SIMLA, path: str, config: dict, evaluate: bool, tr
             interpolate_pos_embeds(state_dict, model, names=("visual_encoder_m",))
         state_dict = strip_bert_prefix(state_dict)
     print(load_model_state(model, state_dict, path, strict=False))
+    return checkpoint
 
 
 def main(args: argparse.Namespace) -> None:
@@ -94,12 +96,15 @@ def main(args: argparse.Namespace) -> None:
     for key, dataset in zip(SPLIT_KEYS, datasets):
         if len(dataset) == 0 and (key != "train_file" or not args.evaluate):
             raise ValueError(f"config key {key!r}: {config[key]} holds no examples")
-    samplers = (create_sampler(datasets, [True, False, False], get_world_size(), get_rank())
-                if ctx.distributed else [None, None, None])
     train_bs, test_bs = int(config["batch_size_train"]), int(config["batch_size_test"])
-    train_loader, val_loader, test_loader = create_loader(
-        datasets, samplers, batch_size=[train_bs, test_bs, test_bs], num_workers=[args.num_workers] * 3,
-        is_trains=[True, False, False], collate_fns=[None, None, None])
+    train_loader, train_sampler = create_train_loader(datasets[0], train_bs, args.num_workers,
+                                                      datasets[0].collate_fn, seed=args.seed,
+                                                      num_replicas=get_world_size(), rank=get_rank())
+    eval_samplers = (create_sampler(datasets[1:], [False, False], get_world_size(), get_rank())
+                     if ctx.distributed else [None, None])
+    val_loader, test_loader = create_loader(
+        datasets[1:], eval_samplers, batch_size=[test_bs, test_bs], num_workers=[args.num_workers] * 2,
+        is_trains=[False, False], collate_fns=[None, None])
     if not args.evaluate and len(train_loader) == 0:
         raise ValueError(f"{config['train_file']}: {len(datasets[0])} examples give no full batch of "
                          f"{train_bs} per process")
@@ -107,8 +112,10 @@ def main(args: argparse.Namespace) -> None:
     tokenizer = build_tokenizer(args.text_encoder)
     print("Creating model")
     model = SIMLA(config=config, text_encoder=args.text_encoder, tokenizer=tokenizer)
+    checkpoint = None
     if args.checkpoint:
-        load_ve_checkpoint(model, args.checkpoint, config, args.evaluate, args.trust_checkpoint)
+        checkpoint = load_ve_checkpoint(model, args.checkpoint, config, args.evaluate or args.resume,
+                                        args.trust_checkpoint)
     model = model.to(device)
     model, model_without_ddp = wrap_ddp(model, ctx)
     optimizer = create_optimizer(config["optimizer"], model)
@@ -117,20 +124,30 @@ def main(args: argparse.Namespace) -> None:
     max_epoch = int(config["schedular"]["epochs"])
     warmup_epochs = int(config["schedular"].get("warmup_epochs", 0) or 0)
     settings = EpochSettings(loss_names=("loss",), stats_format="{:.4f}", warmup_epochs=warmup_epochs,
-                             amp=args.amp)
+                             amp=args.amp, counted_batches=True, skip_nonfinite=args.skip_nonfinite,
+                             save_every_steps=args.save_every_steps)
     scaler = grad_scaler(device, args.amp)
+    checkpointer = TrainingCheckpointer(args.output_dir, model_without_ddp, optimizer, scheduler, config, scaler,
+                                        train_sampler, train_bs)
+    point = resume_point(checkpointer, checkpoint if not args.evaluate else None, args, len(train_loader),
+                         epoch_end_warmup=warmup_epochs)
+    del checkpoint
+    best, best_epoch = float(point.extra.get("best", 0.0)), int(point.extra.get("best_epoch", 0))
     predict = make_predict(model_without_ddp, tokenizer, device)
-    best, best_epoch = 0.0, 0
     tracker = Tracker(args.log_backend, args.output_dir, config)
     print("Start training")
     start_time = time.time()
-    for epoch in range(0, max_epoch):
+    checkpointer.start(point)
+    for epoch in range(point.epoch, max_epoch):
         train_stats: dict[str, Any] = {}
         if not args.evaluate:
             step = make_step(model, tokenizer, config, device, epoch)
             train_stats = train_one_epoch(model, train_loader, optimizer, scheduler, epoch, device, step, settings,
-                                          scaler=scaler, sampler=samplers[0],
-                                          on_step=tracker.step_callback(epoch, len(train_loader), optimizer))
+                                          scaler=scaler, sampler=train_sampler,
+                                          on_step=tracker.step_callback(epoch, len(train_loader), optimizer),
+                                          start_step=point.step if epoch == point.epoch else 0,
+                                          save_step=lambda next_step, e=epoch, b=best, be=best_epoch:
+                                          checkpointer.save_last(e, next_step, best=b, best_epoch=be))
         val_stats = evaluate_accuracy(model_without_ddp, val_loader, predict, device, args.amp)
         test_stats = evaluate_accuracy(model_without_ddp, test_loader, predict, device, args.amp)
         tracker.log({"val_acc": float(val_stats["acc"]), "test_acc": float(test_stats["acc"])},
@@ -140,13 +157,14 @@ def main(args: argparse.Namespace) -> None:
                                          **{f"val_{k}": v for k, v in val_stats.items()},
                                          **{f"test_{k}": v for k, v in test_stats.items()},
                                          "epoch": epoch})
-            if not args.evaluate and float(val_stats["acc"]) > best:
-                save_training_checkpoint(os.path.join(args.output_dir, BEST_CHECKPOINT), model_without_ddp,
-                                         optimizer, scheduler, config, epoch)
-                best, best_epoch = float(val_stats["acc"]), epoch
         if args.evaluate:
             break
+        if float(val_stats["acc"]) > best:
+            best, best_epoch = float(val_stats["acc"]), epoch
+            checkpointer.save(os.path.join(args.output_dir, BEST_CHECKPOINT), epoch, best=best,
+                              best_epoch=best_epoch)
         epoch_end_step(scheduler, epoch, warmup_epochs)
+        checkpointer.finish_epoch(epoch, keep_last=args.save_every_steps > 0, best=best, best_epoch=best_epoch)
         barrier()
     tracker.close()
     print(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
@@ -162,6 +180,8 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 if __name__ == "__main__":
+    from engine.runtime import run_entry
+
     cli_args = get_parser().parse_args()
     os.makedirs(cli_args.output_dir, exist_ok=True)
-    main(cli_args)
+    run_entry(main, cli_args)

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from dataset import create_dataset, create_loader, create_sampler
+from dataset.resumable import create_train_loader
 from dataset.vqa import CountedVQACollate, VQADataset
 from dataset.vqa_eval import merge_rank_results, vqa_accuracy
 from engine.checkpoint import (
@@ -30,18 +31,18 @@ from engine.checkpoint import (
     interpolate_pos_embeds,
     load_model_state,
     read_checkpoint,
-    save_training_checkpoint,
 )
 from engine.cli import base_parser
 from engine.loop import EpochSettings, train_one_epoch
 from engine.precision import autocast, grad_scaler
+from engine.resume import ResumePoint, TrainingCheckpointer
 from engine.runtime import RunContext, setup_run, wrap_ddp
 from engine.tracking import Tracker
 from models.simla.vqa import SIMLA, map_pretrain_checkpoint
 from models.tokenization import build_tokenizer
 from optim import create_optimizer
 from scheduler import create_scheduler, epoch_start_step
-from utils import MetricLogger, append_log, barrier, get_rank, get_world_size, is_main_process, str2bool
+from utils import MetricLogger, append_log, barrier, get_rank, get_world_size, is_main_process
 
 LOSS_NAMES = ("loss",)
 
@@ -118,34 +119,27 @@ def save_result(result: list[dict[str, Any]], result_dir: str, filename: str,
     return final_file, merged
 
 
-def load_checkpoint_into(model: SIMLA, args: argparse.Namespace, optimizer: torch.optim.Optimizer, scheduler: Any,
-                         scaler: torch.amp.GradScaler) -> int:
+def load_checkpoint_into(model: SIMLA, args: argparse.Namespace, checkpointer: TrainingCheckpointer,
+                         num_batches: int) -> ResumePoint:
     """Load ``--checkpoint`` as the original: position embeddings resized; for training runs a
-    pretraining checkpoint is renamed onto the encoder and decoder. Returns the start epoch."""
+    pretraining checkpoint is renamed onto the encoder and decoder. Returns where training starts."""
     checkpoint = read_checkpoint(args.checkpoint, trust=args.trust_checkpoint)
     state_dict = dict(checkpoint["model"])
     interpolate_pos_embeds(state_dict, model, names=("visual_encoder",))
-    start_epoch = 0
+    point = ResumePoint()
     if not args.evaluate:
         if model.distill:
             interpolate_pos_embeds(state_dict, model, names=("visual_encoder_m",))
         state_dict = map_pretrain_checkpoint(state_dict, model.decoder_depth)
         if args.resume:
-            for key in ("optimizer", "lr_scheduler", "epoch"):
-                if key not in checkpoint:
-                    raise KeyError(f"{args.checkpoint}: --resume needs a '{key}' entry in the checkpoint")
-            optimizer.load_state_dict(checkpoint["optimizer"])
-            scheduler.load_state_dict(checkpoint["lr_scheduler"])
-            if "scaler" in checkpoint and scaler.is_enabled():
-                scaler.load_state_dict(checkpoint["scaler"])
-            start_epoch = int(checkpoint["epoch"]) + 1
+            point = checkpointer.restore(checkpoint, args.checkpoint, num_batches)
     message = load_model_state(model, state_dict, args.checkpoint, strict=False)
     print(message)
     if message.missing_keys:
         shown = ", ".join(message.missing_keys[:10])
         print(f"warning: {len(message.missing_keys)} model entries are not in {args.checkpoint} and keep their "
               f"initial values (e.g. {shown})" + (" ; --evaluate expects a VQA checkpoint" if args.evaluate else ""))
-    return start_epoch
+    return point
 
 
 def main(args: argparse.Namespace) -> None:
@@ -157,12 +151,14 @@ def main(args: argparse.Namespace) -> None:
     print("Creating vqa datasets")
     datasets = create_dataset("vqa", config)
     train_dataset, test_dataset = datasets
-    samplers = (create_sampler(list(datasets), [True, False], get_world_size(), get_rank()) if ctx.distributed
-                else [None, None])
-    train_loader, test_loader = create_loader(
-        list(datasets), samplers, batch_size=[int(config["batch_size_train"]), int(config["batch_size_test"])],
-        num_workers=[args.num_workers, args.num_workers], is_trains=[True, False],
-        collate_fns=[CountedVQACollate(), None])
+    batch_size = int(config["batch_size_train"])
+    train_loader, train_sampler = create_train_loader(train_dataset, batch_size, args.num_workers,
+                                                      CountedVQACollate(), seed=args.seed,
+                                                      num_replicas=get_world_size(), rank=get_rank())
+    test_sampler = (create_sampler([test_dataset], [False], get_world_size(), get_rank())[0] if ctx.distributed
+                    else None)
+    test_loader = create_loader([test_dataset], [test_sampler], batch_size=[int(config["batch_size_test"])],
+                                num_workers=[args.num_workers], is_trains=[False], collate_fns=[None])[0]
     if not args.evaluate and len(train_loader) == 0:
         raise ValueError(f"{config['train_file']}: {len(train_dataset)} questions give no full batch of "
                          f"{config['batch_size_train']} per process")
@@ -175,7 +171,12 @@ def main(args: argparse.Namespace) -> None:
     optimizer = create_optimizer(config["optimizer"], model)
     scheduler, _ = create_scheduler(config["schedular"], optimizer)
     scaler = grad_scaler(device, args.amp)
-    start_epoch = load_checkpoint_into(model, args, optimizer, scheduler, scaler) if args.checkpoint else 0
+    checkpointer = TrainingCheckpointer(args.output_dir, model, optimizer, scheduler, config, scaler,
+                                        train_sampler, batch_size)
+    point = ResumePoint()
+    if args.checkpoint:
+        point = load_checkpoint_into(model, args, checkpointer, len(train_loader))
+    start_epoch = point.epoch
 
     # an unused pretraining mask token would make DDP fail (the original configs set vit_mask_token: false)
     unused = model.visual_encoder.mask_token is not None
@@ -185,27 +186,32 @@ def main(args: argparse.Namespace) -> None:
     max_epoch = int(config["schedular"]["epochs"])
     warmup_epochs = int(config["schedular"].get("warmup_epochs", 0) or 0)
     settings = EpochSettings(loss_names=LOSS_NAMES, meter_window=1, warmup_epochs=warmup_epochs, amp=args.amp,
-                             counted_batches=True)
+                             counted_batches=True, skip_nonfinite=args.skip_nonfinite,
+                             save_every_steps=args.save_every_steps)
 
     print("Start training")
     start_time = time.time()
     last_epoch = start_epoch if args.evaluate else start_epoch - 1
+    checkpointer.start(point)
     for epoch in range(start_epoch, max_epoch):
         last_epoch = epoch
-        epoch_start_step(scheduler, epoch, warmup_epochs)
+        start_step = point.step if epoch == point.epoch else 0
+        if start_step == 0:
+            epoch_start_step(scheduler, epoch, warmup_epochs)
         if args.evaluate:
             break
         step = make_step(model, tokenizer, config, device, epoch)
         train_stats = train_one_epoch(model, train_loader, optimizer, scheduler, epoch, device, step, settings,
-                                      scaler=scaler, sampler=samplers[0],
-                                      on_step=tracker.step_callback(epoch, len(train_loader), optimizer))
+                                      scaler=scaler, sampler=train_sampler,
+                                      on_step=tracker.step_callback(epoch, len(train_loader), optimizer),
+                                      start_step=start_step,
+                                      save_step=lambda next_step, e=epoch: checkpointer.save_last(e, next_step))
+        checkpointer.finish_epoch(epoch, checkpoint_path(args.output_dir, epoch),
+                                  keep_last=args.save_every_steps > 0)
         if is_main_process():
             log_stats = {f"train_{k}": v for k, v in train_stats.items()}
             log_stats["epoch"] = epoch
             append_log(args.output_dir, log_stats)
-            save_training_checkpoint(checkpoint_path(args.output_dir, epoch), model_without_ddp, optimizer,
-                                     scheduler, config, epoch,
-                                     **({"scaler": scaler.state_dict()} if scaler.is_enabled() else {}))
         barrier()
     tracker.close()
 
@@ -234,14 +240,13 @@ def get_parser() -> argparse.ArgumentParser:
                         help="only answer the test questions with --checkpoint (a VQA checkpoint)")
     parser.add_argument("--text_decoder", default="bert-base-uncased",
                         help="Hugging Face BERT name or folder initialising the answer decoder")
-    parser.add_argument("--resume", default=False, type=str2bool,
-                        help="with --checkpoint (a VQA checkpoint): restore optimizer, scheduler and continue "
-                             "at the next epoch")
     return parser
 
 
 if __name__ == "__main__":
+    from engine.runtime import run_entry
+
     cli_args = get_parser().parse_args()
     os.makedirs(cli_args.output_dir, exist_ok=True)
     os.makedirs(os.path.join(cli_args.output_dir, "result"), exist_ok=True)
-    main(cli_args)
+    run_entry(main, cli_args)

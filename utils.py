@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import argparse
 import builtins
+import contextlib
 import datetime
 import json
+import math
 import os
 import pickle
 import random
@@ -25,6 +27,8 @@ import re
 import secrets
 import time
 import typing
+import warnings
+import zipfile
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from numbers import Real
@@ -45,6 +49,8 @@ __all__ = [
     "append_log",
     "barrier",
     "concat_all_gather",
+    "dist_timeout",
+    "enable_nccl_error_handling",
     "format_time",
     "get_rank",
     "get_world_size",
@@ -167,6 +173,15 @@ def concat_all_gather(tensor: torch.Tensor) -> torch.Tensor:
 all_gather_tensor = concat_all_gather
 
 
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """``obj`` of process ``src`` on every process (itself when not distributed)."""
+    if not is_dist_avail_and_initialized():
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=src)
+    return holder[0]
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum ``tensor`` over all processes in place and return it (identity without a group)."""
     if is_dist_avail_and_initialized():
@@ -193,6 +208,51 @@ def _env_int(name: str) -> int | None:
     return int(value) if value not in (None, "") else None
 
 
+# Seconds a collective (and the rendezvous) may wait for the other processes when ``args`` carries no
+# ``dist_timeout`` (the value of the --dist_timeout flag's default).
+DEFAULT_DIST_TIMEOUT_S = 1800.0
+
+# Environment variables that set what the NCCL watchdog does with a failed or timed-out collective;
+# the first is read by current PyTorch, the second is its older spelling.
+_NCCL_ERROR_HANDLING_VARS = ("TORCH_NCCL_ASYNC_ERROR_HANDLING", "NCCL_ASYNC_ERROR_HANDLING")
+
+
+def dist_timeout(args: Any) -> datetime.timedelta:
+    """The process-group timeout from ``args.dist_timeout`` (seconds; the default when absent or None).
+
+    Every collective (and the rendezvous in ``init_process_group``) fails with an error after waiting
+    this long for a peer, instead of blocking forever when a peer died or hangs.
+    """
+    value = getattr(args, "dist_timeout", None)
+    raw = DEFAULT_DIST_TIMEOUT_S if value is None else value
+    try:
+        seconds = float(raw)
+    except (TypeError, ValueError):
+        raise ValueError(f"--dist_timeout must be a number of seconds, got {value!r}") from None
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError(f"--dist_timeout must be a positive, finite number of seconds, got {value!r}")
+    return datetime.timedelta(seconds=seconds)
+
+
+def enable_nccl_error_handling() -> None:
+    """Make the NCCL watchdog tear the process down when a collective fails or times out.
+
+    Without it a rank whose peer died could wait inside a CUDA kernel forever. Mode 3 aborts the
+    process without the communicator clean-up (which can itself hang). An explicit setting by the user
+    is kept; turning it off (0) is allowed, with a warning that timeouts then go unnoticed. Must run
+    before the NCCL process group is created, which reads the variable.
+    """
+    for name in _NCCL_ERROR_HANDLING_VARS:
+        value = os.environ.get(name, "").strip()
+        if value == "":
+            continue
+        if value == "0":
+            warnings.warn(f"{name}=0: a timed-out NCCL collective will hang instead of failing the run",
+                          RuntimeWarning, stacklevel=2)
+        return
+    os.environ[_NCCL_ERROR_HANDLING_VARS[0]] = "3"
+
+
 def init_distributed_mode(args: Any) -> None:
     """Initialise torch.distributed from the environment and record the result on ``args``.
 
@@ -205,6 +265,11 @@ def init_distributed_mode(args: Any) -> None:
     ranks (``print(..., force=True)`` still prints); in single-process mode the ``force`` keyword is
     accepted too. A one-process launch without a rendezvous address (``env://`` and no
     ``MASTER_ADDR``, e.g. a single SLURM task) runs without a process group.
+
+    The process group gets the timeout ``args.dist_timeout`` (seconds, see :func:`dist_timeout`): a
+    collective that waits longer for a peer raises instead of hanging. For nccl the watchdog's
+    asynchronous error handling is switched on (:func:`enable_nccl_error_handling`) so that a timed-out
+    collective aborts the process even while it is blocked in a CUDA kernel.
     """
     cuda_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     rank = _env_int("RANK")
@@ -241,16 +306,18 @@ def init_distributed_mode(args: Any) -> None:
         setup_for_distributed(True)
         return
 
+    timeout = dist_timeout(args)
     args.rank, args.world_size, args.gpu = rank, world_size, gpu
     args.distributed = True
     device = torch.device(getattr(args, "device", "cuda") or "cuda")
     use_cuda = torch.cuda.is_available() and device.type == "cuda"
     args.dist_backend = "nccl" if use_cuda else "gloo"
     if use_cuda:
+        enable_nccl_error_handling()
         torch.cuda.set_device(gpu)
     print(f"| distributed init (rank {rank}): {dist_url}", flush=True)
     dist.init_process_group(
-        backend=args.dist_backend, init_method=dist_url, world_size=world_size, rank=rank
+        backend=args.dist_backend, init_method=dist_url, world_size=world_size, rank=rank, timeout=timeout
     )
     barrier()
     setup_for_distributed(rank == 0)
@@ -386,13 +453,14 @@ class MetricLogger:
             print(line)
 
     def log_every(
-        self, iterable: Iterable[T], print_freq: int, header: str | None = None
+        self, iterable: Iterable[T], print_freq: int, header: str | None = None, first_index: int = 0
     ) -> Iterator[T]:
         """Yield from ``iterable``, printing progress every ``print_freq`` items and at the last one.
 
         A progress line for item ``i`` is printed after the loop body for that item has run, and
         reads (fields joined by the delimiter): header, ``[i/len]``, ``eta``, the meters, the mean
         iteration and data-loading times over the last 20 items, and ``max mem`` (MiB) on CUDA.
+        ``first_index`` numbers the items from there (an epoch resumed part-way; ``len`` is the whole epoch).
         """
         clock = self._clock or time.time
         header = header or ""
@@ -410,7 +478,7 @@ class MetricLogger:
 
         start = clock()
         end = start
-        for index, item in enumerate(iterable):
+        for index, item in enumerate(iterable, start=first_index):
             data_time.update(clock() - end)
             yield item
             iter_time.update(clock() - end)
@@ -430,7 +498,7 @@ class MetricLogger:
                 )
             end = clock()
         elapsed = clock() - start
-        self._emit(f"{header} Total time: {format_time(elapsed)} ({elapsed / max(total, 1):.4f} s / it)")
+        self._emit(f"{header} Total time: {format_time(elapsed)} ({elapsed / max(total - first_index, 1):.4f} s / it)")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -455,15 +523,53 @@ class UnsafeCheckpointError(pickle.UnpicklingError):
         super().__init__(message)
 
 
-def save_checkpoint(obj: Any, path: str | os.PathLike[str]) -> None:
+class CheckpointWriteError(OSError):
+    """A checkpoint file could not be written or did not read back intact."""
+
+
+def _remove_stale_partial_files(directory: str, name: str) -> None:
+    # temporary files of earlier saves of ``name`` whose process was killed mid-write
+    prefix = f".{name}."
+    for entry in os.listdir(directory):
+        if entry.startswith(prefix) and entry.endswith(".tmp"):
+            pid = entry[len(prefix):].split(".", 1)[0]
+            if pid.isdigit() and int(pid) != os.getpid() and not _process_alive(int(pid)):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(directory, entry))
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def verify_checkpoint_file(path: str) -> None:
+    """Check that a zip-format checkpoint is complete: every member present and its CRC correct."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise CheckpointWriteError(f"checkpoint {path} does not read back intact: {exc}") from None
+    if bad is not None:
+        raise CheckpointWriteError(f"checkpoint {path} does not read back intact: member {bad} is corrupt")
+
+
+def save_checkpoint(obj: Any, path: str | os.PathLike[str], verify: bool = True) -> None:
     """``torch.save`` ``obj`` to ``path`` atomically.
 
-    The data goes to a temporary file in the same directory, is flushed and fsynced, and then
-    renamed over ``path``; an interrupted write leaves any previous file untouched.
+    The data goes to a temporary file in the same directory, is flushed, fsynced and (``verify``)
+    read back and checked, and only then renamed over ``path``: an interrupted or failed write
+    leaves any previous file untouched. Partial files left by killed earlier saves are removed.
     """
     target = os.path.abspath(os.fspath(path))
     directory = os.path.dirname(target)
     os.makedirs(directory, exist_ok=True)
+    _remove_stale_partial_files(directory, os.path.basename(target))
     tmp = os.path.join(directory, f".{os.path.basename(target)}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
@@ -471,6 +577,8 @@ def save_checkpoint(obj: Any, path: str | os.PathLike[str]) -> None:
             torch.save(obj, handle)
             handle.flush()
             os.fsync(handle.fileno())
+        if verify:
+            verify_checkpoint_file(tmp)
         os.replace(tmp, target)
     except BaseException:
         if os.path.exists(tmp):

@@ -93,7 +93,7 @@ def main(args: argparse.Namespace) -> None:
 
 def get_parser() -> argparse.ArgumentParser:
     parser = base_parser("SIMLA zero-shot image-text retrieval", "./configs/Retrieval_flickr.yaml",
-                         "output/Retrieval_flickr")
+                         "output/Retrieval_flickr", training=False)
     parser.add_argument("--evaluate", action="store_true",
                         help="evaluate once (without it the evaluation is repeated schedular.epochs times)")
     parser.add_argument("--save_sims", action="store_true",
@@ -103,6 +103,8 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 if __name__ == "__main__":
+    from engine.runtime import run_entry
+
     cli_args = get_parser().parse_args()
     os.makedirs(cli_args.output_dir, exist_ok=True)
-    main(cli_args)
+    run_entry(main, cli_args)

@@ -1,4 +1,9 @@
-"""Datasets, transforms, collates and loaders for every task (``create_dataset`` as the original)."""
+"""Datasets, transforms, collates and loaders for every task (``create_dataset`` as the original).
+
+Unreadable images (see :mod:`dataset.images`): training datasets return ``None`` for the sample and
+expose ``collate_fn`` (a collate that replaces or drops those samples and yields ``(batch,
+num_failed)``); evaluation datasets raise :class:`UnreadableImageError` naming the file and the entry.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +11,16 @@ from collections.abc import Mapping
 from typing import Any
 
 from dataset.collate import SafeCollate, collate_safe, vqa_collate_fn
+from dataset.images import DEFAULT_MAX_IMAGE_PIXELS, ImageReader, UnreadableImageError, read_rgb
 from dataset.loaders import create_loader, create_sampler
 from dataset.masking import MaskingGenerator, masking_generator_from_config
 from dataset.text import pre_caption, pre_question
 from dataset.transforms import PretrainViews, build_transforms
 
 __all__ = [
-    "MaskingGenerator", "PretrainViews", "SafeCollate", "build_transforms", "collate_safe", "create_dataset",
-    "create_loader", "create_sampler", "masking_generator_from_config", "pre_caption", "pre_question",
-    "vqa_collate_fn",
+    "DEFAULT_MAX_IMAGE_PIXELS", "ImageReader", "MaskingGenerator", "PretrainViews", "SafeCollate",
+    "UnreadableImageError", "build_transforms", "collate_safe", "create_dataset", "create_loader", "create_sampler",
+    "masking_generator_from_config", "pre_caption", "pre_question", "read_rgb", "vqa_collate_fn",
 ]
 
 

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
-
-from PIL import Image
 
 
 class AnnotationError(ValueError):
@@ -58,10 +56,19 @@ def join_image_path(root: str | None, path: str) -> str:
     return os.path.join(root, path) if root else path
 
 
-def open_rgb(path: str) -> Image.Image:
-    """Open an image file and convert it to RGB (grayscale, palette, RGBA, CMYK, 16-bit all handled)."""
-    with Image.open(path) as img:
-        img.load()
-        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-            img = img.point(lambda v: v * (1 / 256)).convert("L")
-        return img.convert("RGB")
+def annotations_by_file(files: Iterable[str], required: Sequence[str]) -> Iterator[tuple[str, int, dict]]:
+    """``(file, index in that file, entry)`` for every entry, checked as in :func:`load_annotations`, so
+    later checks can name the file and the position of a bad entry."""
+    for path in files:
+        for index, entry in enumerate(load_annotations([path], required)):
+            yield path, index, entry
+
+
+def require_text(entry: Mapping[str, Any], field: str, path: str, index: int) -> str:
+    """The string value of ``entry[field]``; anything else (a number, null, a list) is an error naming the
+    file, the entry and the field. An empty string is accepted: it normalises to an empty text."""
+    value = entry[field]
+    if not isinstance(value, str):
+        raise AnnotationError(f"{path}: entry {index} field {field!r} must be a string, got "
+                              f"{type(value).__name__} {value!r}")
+    return value

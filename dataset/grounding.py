@@ -25,12 +25,13 @@ from torch.utils.data import Dataset
 
 from dataset.annotations import (
     AnnotationError,
+    annotations_by_file,
     as_file_list,
     join_image_path,
-    load_annotations,
-    open_rgb,
     read_json,
 )
+from dataset.collate import SafeCollate
+from dataset.images import DEFAULT_MAX_IMAGE_PIXELS, ImageReader, max_pixels_from_config
 from dataset.text import pre_caption
 from dataset.transforms import build_transforms
 
@@ -153,26 +154,33 @@ class ReferAnnotations:
 
 
 class GroundingDataset(Dataset):
-    """``(image, expression, image index)`` in ``train`` mode, ``(image, expression, ref_id)`` in ``test``."""
+    """``(image, expression, image index)`` in ``train`` mode, ``(image, expression, ref_id)`` in ``test``.
+
+    Unreadable images: in ``train`` mode the sample is ``None`` and :attr:`collate_fn` replaces and counts
+    it; in ``test`` mode :class:`dataset.images.UnreadableImageError` names the file and the entry, since
+    every ref is scored.
+    """
 
     def __init__(self, ann_file: str | Sequence[str], transform: Transform, image_root: str | None,
-                 max_words: int = 30, mode: str = "train", key: str = "train_file") -> None:
+                 max_words: int = 30, mode: str = "train", key: str = "train_file",
+                 max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> None:
         if mode not in ("train", "test"):
             raise ValueError(f"grounding dataset mode must be 'train' or 'test', got {mode!r}")
         self.transform = transform
         self.image_root = image_root
         self.max_words = max_words
         self.mode = mode
+        self.read_image = ImageReader(max_image_pixels, skip_unreadable=mode == "train")
+        self.collate_fn = SafeCollate() if mode == "train" else None
         required = ("image", "text", "ref_id") if mode == "test" else ("image", "text")
         self.ann: list[dict] = []
-        for path in as_file_list(ann_file, key):
-            for index, entry in enumerate(load_annotations([path], required=required)):
-                if not isinstance(entry["image"], str) or not isinstance(entry["text"], str):
-                    raise AnnotationError(f"{path}: entry {index} needs string 'image' and 'text' fields")
-                if mode == "test" and (isinstance(entry["ref_id"], bool) or not isinstance(entry["ref_id"], int)):
-                    raise AnnotationError(f"{path}: entry {index} 'ref_id' must be an integer, "
-                                          f"got {entry['ref_id']!r}")
-                self.ann.append(entry)
+        for path, index, entry in annotations_by_file(as_file_list(ann_file, key), required=required):
+            if not isinstance(entry["image"], str) or not isinstance(entry["text"], str):
+                raise AnnotationError(f"{path}: entry {index} needs string 'image' and 'text' fields")
+            if mode == "test" and (isinstance(entry["ref_id"], bool) or not isinstance(entry["ref_id"], int)):
+                raise AnnotationError(f"{path}: entry {index} 'ref_id' must be an integer, "
+                                      f"got {entry['ref_id']!r}")
+            self.ann.append(entry)
         self.img_ids: dict[str, int] = {}
         if mode == "train":
             for entry in self.ann:
@@ -181,9 +189,13 @@ class GroundingDataset(Dataset):
     def __len__(self) -> int:
         return len(self.ann)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, str, int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str, int] | None:
         entry = self.ann[index]
-        image = self.transform(open_rgb(join_image_path(self.image_root, entry["image"])))
+        sample = f"ref {entry['ref_id']}" if self.mode == "test" else ""
+        image = self.read_image(join_image_path(self.image_root, entry["image"]), index, sample)
+        if image is None:
+            return None
+        image = self.transform(image)
         caption = pre_caption(entry["text"], self.max_words)
         if self.mode == "train":
             return image, caption, self.img_ids[entry["image"].split("/")[-1]]
@@ -201,7 +213,9 @@ def create_grounding_datasets(config: Mapping[str, Any]) -> tuple[GroundingDatas
     transforms = build_transforms(config)
     max_words = int(config.get("max_words", 30))
     root = config["image_root"]
+    pixels = max_pixels_from_config(config)
     train = GroundingDataset(config["train_file"], transforms["grounding_train"], root, max_words, "train",
-                             key="train_file")
-    test = GroundingDataset(config["test_file"], transforms["test"], root, max_words, "test", key="test_file")
+                             key="train_file", max_image_pixels=pixels)
+    test = GroundingDataset(config["test_file"], transforms["test"], root, max_words, "test", key="test_file",
+                            max_image_pixels=pixels)
     return train, test

@@ -8,7 +8,15 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from dataset.annotations import AnnotationError, as_file_list, join_image_path, load_annotations, open_rgb
+from dataset.annotations import (
+    AnnotationError,
+    annotations_by_file,
+    as_file_list,
+    join_image_path,
+    require_text,
+)
+from dataset.collate import SafeCollate
+from dataset.images import DEFAULT_MAX_IMAGE_PIXELS, ImageReader, max_pixels_from_config
 from dataset.text import pre_caption
 from dataset.transforms import build_transforms
 
@@ -18,36 +26,53 @@ NLVR_LABELS = {"True": 1, "False": 0}
 class NlvrDataset(Dataset):
     """Entries ``{"images": [path0, path1], "sentence": str, "label": "True" | "False"}`` from one or more
     JSON files; a sample is ``(image0, image1, sentence, label)`` with label 1 for ``"True"``, 0 for
-    ``"False"``."""
+    ``"False"``.
+
+    Unreadable images: with ``skip_unreadable`` (the default for the ``train_file`` split) a sample with
+    either image unreadable is ``None`` and :attr:`collate_fn` replaces and counts it; otherwise (val /
+    test) :class:`dataset.images.UnreadableImageError` names the file and the entry, since every
+    evaluated example must be scored.
+    """
 
     def __init__(self, ann_file: str | Sequence[str], transform: Callable[[Any], torch.Tensor], image_root: str,
-                 max_words: int = 30, config_key: str = "train_file") -> None:
-        files = as_file_list(ann_file, config_key)
-        self.ann = load_annotations(files, required=("images", "sentence", "label"))
-        self.transform = transform
-        self.image_root = image_root
-        self.max_words = max_words
+                 max_words: int = 30, config_key: str = "train_file",
+                 max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, skip_unreadable: bool | None = None) -> None:
+        self.ann: list[dict] = []
         self.labels: list[int] = []
-        for index, entry in enumerate(self.ann):
+        for path, index, entry in annotations_by_file(as_file_list(ann_file, config_key),
+                                                      required=("images", "sentence", "label")):
             images = entry["images"]
             if not (isinstance(images, (list, tuple)) and len(images) == 2 and all(isinstance(p, str) for p in images)):
-                raise AnnotationError(f"{', '.join(files)}: entry {index} field 'images' must be a list of two "
-                                      f"image paths, got {images!r}")
+                raise AnnotationError(f"{path}: entry {index} field 'images' must be a list of two image paths, "
+                                      f"got {images!r}")
+            require_text(entry, "sentence", path, index)
             label = entry["label"]
             # the original maps every value other than "True" to 0; a typo (true, 1) would silently
             # become a negative, so only the two NLVR2 spellings are accepted
             if label not in NLVR_LABELS:
-                raise AnnotationError(f"{', '.join(files)}: entry {index} field 'label' must be \"True\" or "
-                                      f"\"False\", got {label!r}")
+                raise AnnotationError(f"{path}: entry {index} field 'label' must be \"True\" or \"False\", "
+                                      f"got {label!r}")
+            self.ann.append(entry)
             self.labels.append(NLVR_LABELS[label])
+        self.transform = transform
+        self.image_root = image_root
+        self.max_words = max_words
+        skip = config_key == "train_file" if skip_unreadable is None else skip_unreadable
+        self.read_image = ImageReader(max_image_pixels, skip_unreadable=skip)
+        self.collate_fn = SafeCollate() if skip else None
 
     def __len__(self) -> int:
         return len(self.ann)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, str, int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, str, int] | None:
         entry = self.ann[index]
-        image0 = self.transform(open_rgb(join_image_path(self.image_root, entry["images"][0])))
-        image1 = self.transform(open_rgb(join_image_path(self.image_root, entry["images"][1])))
+        image0 = self.read_image(join_image_path(self.image_root, entry["images"][0]), index)
+        image1 = self.read_image(join_image_path(self.image_root, entry["images"][1]), index)
+        if image0 is None or image1 is None:
+            return None
+        # transforms in the original order (RandAugment draws for image0 first)
+        image0 = self.transform(image0)
+        image1 = self.transform(image1)
         return image0, image1, pre_caption(entry["sentence"], self.max_words), self.labels[index]
 
 
@@ -56,8 +81,9 @@ def create_nlvr_datasets(config: Mapping[str, Any]) -> tuple[NlvrDataset, NlvrDa
     transforms = build_transforms(config)
     root = config["image_root"]
     max_words = int(config.get("max_words", 30))
+    pixels = max_pixels_from_config(config)
     return (
-        NlvrDataset(config["train_file"], transforms["train"], root, max_words, "train_file"),
-        NlvrDataset(config["val_file"], transforms["test"], root, max_words, "val_file"),
-        NlvrDataset(config["test_file"], transforms["test"], root, max_words, "test_file"),
+        NlvrDataset(config["train_file"], transforms["train"], root, max_words, "train_file", pixels),
+        NlvrDataset(config["val_file"], transforms["test"], root, max_words, "val_file", pixels),
+        NlvrDataset(config["test_file"], transforms["test"], root, max_words, "test_file", pixels),
     )

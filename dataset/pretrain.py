@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -11,7 +10,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from dataset.annotations import as_file_list, load_annotations, open_rgb
+from dataset.annotations import AnnotationError, annotations_by_file, as_file_list, require_text
+from dataset.collate import SafeCollate
+from dataset.images import DEFAULT_MAX_IMAGE_PIXELS, ImageReader, max_pixels_from_config
 from dataset.masking import masking_generator_from_config
 from dataset.text import pre_caption
 from dataset.transforms import PretrainViews
@@ -21,15 +22,27 @@ class PretrainDataset(Dataset):
     """Entries ``{"image": path, "caption": str | [str, ...]}`` from one or more JSON files.
 
     A sample is ``(image, caption, image_for_tokenization, masked_positions)``; an image that cannot
-    be read yields ``None`` (with a warning naming the file) for the safe collate to replace and count.
+    be read (missing, empty, corrupt, not an image, over ``max_image_pixels``) yields ``None`` with a
+    rate-limited warning naming the file, for :attr:`collate_fn` (a :class:`SafeCollate`) to replace
+    and count. An empty caption, or an empty caption list, gives the empty string.
     """
 
     def __init__(self, ann_file: str | Sequence[str], views: Callable[[Any], tuple[torch.Tensor, torch.Tensor]],
-                 mask_generator: Callable[[], np.ndarray], max_words: int = 30) -> None:
-        self.ann = load_annotations(as_file_list(ann_file, "train_file"), required=("image", "caption"))
+                 mask_generator: Callable[[], np.ndarray], max_words: int = 30,
+                 max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> None:
+        self.ann: list[dict] = []
+        for path, index, entry in annotations_by_file(as_file_list(ann_file, "train_file"), ("image", "caption")):
+            require_text(entry, "image", path, index)
+            caption = entry["caption"]
+            if not (isinstance(caption, str) or isinstance(caption, list) and all(isinstance(c, str) for c in caption)):
+                raise AnnotationError(f"{path}: entry {index} field 'caption' must be a string or a list of strings, "
+                                      f"got {caption!r}")
+            self.ann.append(entry)
         self.views = views
         self.mask_generator = mask_generator
         self.max_words = max_words
+        self.read_image = ImageReader(max_image_pixels, skip_unreadable=True)
+        self.collate_fn = SafeCollate()
 
     def __len__(self) -> int:
         return len(self.ann)
@@ -40,17 +53,14 @@ class PretrainDataset(Dataset):
         if isinstance(caption, list):
             caption = random.choice(caption) if caption else ""
         caption = pre_caption(caption, self.max_words)
-        try:
-            image = open_rgb(entry["image"])
-            image, image_for_tokenization = self.views(image)
-            masked = self.mask_generator()
-        except Exception as exc:  # noqa: BLE001 - any unreadable image is skipped and counted
-            warnings.warn(f"skipping sample {index}: cannot read image {entry['image']!r} "
-                          f"({exc.__class__.__name__}: {exc})", stacklevel=2)
+        image = self.read_image(entry["image"], index)
+        if image is None:
             return None
-        return image, caption, image_for_tokenization, masked
+        image, image_for_tokenization = self.views(image)
+        return image, caption, image_for_tokenization, self.mask_generator()
 
 
 def create_pretrain_dataset(config: Mapping[str, Any]) -> PretrainDataset:
     return PretrainDataset(config["train_file"], PretrainViews(config), masking_generator_from_config(config),
-                           max_words=int(config.get("max_words", 30)))
+                           max_words=int(config.get("max_words", 30)),
+                           max_image_pixels=max_pixels_from_config(config))

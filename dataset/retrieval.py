@@ -3,6 +3,10 @@
 Training files: JSON lists of ``{"image": <path relative to image_root>, "caption": str,
 "image_id": <any hashable JSON value>}``, one entry per caption. Evaluation files: JSON lists of
 ``{"image": <path>, "caption": [str, ...]}``, one entry per image.
+
+Unreadable images: a training sample becomes ``None`` (``collate_fn`` replaces and counts it); the
+evaluation dataset raises :class:`dataset.images.UnreadableImageError` naming the file and the entry,
+because every image index is scored against every caption.
 """
 
 from __future__ import annotations
@@ -13,7 +17,15 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from dataset.annotations import AnnotationError, as_file_list, join_image_path, load_annotations, open_rgb
+from dataset.annotations import (
+    AnnotationError,
+    annotations_by_file,
+    as_file_list,
+    join_image_path,
+    require_text,
+)
+from dataset.collate import SafeCollate
+from dataset.images import DEFAULT_MAX_IMAGE_PIXELS, ImageReader, max_pixels_from_config
 from dataset.text import pre_caption
 from dataset.transforms import build_transforms
 
@@ -32,71 +44,78 @@ def _image_id_key(value: Any, path: str, index: int) -> Any:
 
 class RetrievalTrainDataset(Dataset):
     """``(image, caption, image index)``: captions of one image share its index (0, 1, ... in order of
-    first appearance of its ``image_id``)."""
+    first appearance of its ``image_id``). An unreadable image gives ``None`` (see :attr:`collate_fn`)."""
 
     def __init__(self, ann_file: str | Sequence[str], transform: Transform, image_root: str,
-                 max_words: int = 30) -> None:
+                 max_words: int = 30, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> None:
         self.ann: list[dict] = []
         self.img_ids: dict[Any, int] = {}
-        for path in as_file_list(ann_file, "train_file"):
-            entries = load_annotations([path], required=("image", "caption", "image_id"))
-            for index, entry in enumerate(entries):
-                if not isinstance(entry["caption"], str):
-                    raise AnnotationError(f"{path}: entry {index} has a {type(entry['caption']).__name__} "
-                                          "'caption'; training entries hold one caption string each")
-                key = _image_id_key(entry["image_id"], path, index)
-                self.img_ids.setdefault(key, len(self.img_ids))
-                self.ann.append(dict(entry, _id_key=key))
+        files = as_file_list(ann_file, "train_file")
+        for path, index, entry in annotations_by_file(files, required=("image", "caption", "image_id")):
+            require_text(entry, "image", path, index)
+            if not isinstance(entry["caption"], str):
+                raise AnnotationError(f"{path}: entry {index} has a {type(entry['caption']).__name__} "
+                                      "'caption'; training entries hold one caption string each")
+            key = _image_id_key(entry["image_id"], path, index)
+            self.img_ids.setdefault(key, len(self.img_ids))
+            self.ann.append(dict(entry, _id_key=key))
         self.transform = transform
         self.image_root = image_root
         self.max_words = max_words
+        self.read_image = ImageReader(max_image_pixels, skip_unreadable=True)
+        self.collate_fn = SafeCollate()
 
     def __len__(self) -> int:
         return len(self.ann)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, str, int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str, int] | None:
         entry = self.ann[index]
-        image = self.transform(open_rgb(join_image_path(self.image_root, entry["image"])))
-        return image, pre_caption(entry["caption"], self.max_words), self.img_ids[entry["_id_key"]]
+        image = self.read_image(join_image_path(self.image_root, entry["image"]), index)
+        if image is None:
+            return None
+        return self.transform(image), pre_caption(entry["caption"], self.max_words), self.img_ids[entry["_id_key"]]
 
 
 class RetrievalEvalDataset(Dataset):
     """``(image, image index)`` over the images; ``text`` holds every caption (normalised, in file order),
     ``txt2img[t]`` the image of caption ``t`` and ``img2txt[i]`` the captions of image ``i``.
 
-    A ``caption`` given as a single string counts as a one-caption list.
+    A ``caption`` given as a single string counts as a one-caption list. An unreadable image raises
+    :class:`dataset.images.UnreadableImageError`; ``collate_fn`` is ``None`` (the default collate).
     """
 
     def __init__(self, ann_file: str | Sequence[str], transform: Transform, image_root: str,
-                 max_words: int = 30, key: str = "test_file") -> None:
+                 max_words: int = 30, key: str = "test_file",
+                 max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> None:
         self.transform = transform
         self.image_root = image_root
+        self.read_image = ImageReader(max_image_pixels, skip_unreadable=False)
+        self.collate_fn = None
         self.text: list[str] = []
         self.image: list[str] = []
         self.txt2img: dict[int, int] = {}
         self.img2txt: dict[int, list[int]] = {}
-        for path in as_file_list(ann_file, key):
-            for index, entry in enumerate(load_annotations([path], required=("image", "caption"))):
-                captions = entry["caption"]
-                if isinstance(captions, str):
-                    captions = [captions]
-                if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
-                    raise AnnotationError(f"{path}: entry {index} 'caption' must be a list of strings, got "
-                                          f"{captions!r}")
-                img_index = len(self.image)
-                self.image.append(entry["image"])
-                self.img2txt[img_index] = []
-                for caption in captions:
-                    self.img2txt[img_index].append(len(self.text))
-                    self.txt2img[len(self.text)] = img_index
-                    self.text.append(pre_caption(caption, max_words))
+        for path, index, entry in annotations_by_file(as_file_list(ann_file, key), required=("image", "caption")):
+            captions = entry["caption"]
+            if isinstance(captions, str):
+                captions = [captions]
+            if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
+                raise AnnotationError(f"{path}: entry {index} 'caption' must be a list of strings, got "
+                                      f"{captions!r}")
+            img_index = len(self.image)
+            self.image.append(require_text(entry, "image", path, index))
+            self.img2txt[img_index] = []
+            for caption in captions:
+                self.img2txt[img_index].append(len(self.text))
+                self.txt2img[len(self.text)] = img_index
+                self.text.append(pre_caption(caption, max_words))
 
     def __len__(self) -> int:
         return len(self.image)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image = self.transform(open_rgb(join_image_path(self.image_root, self.image[index])))
-        return image, index
+        image = self.read_image(join_image_path(self.image_root, self.image[index]), index)
+        return self.transform(image), index
 
 
 def create_retrieval_datasets(config: Mapping[str, Any]
@@ -105,7 +124,8 @@ def create_retrieval_datasets(config: Mapping[str, Any]
     transforms = build_transforms(config)
     max_words = int(config.get("max_words", 30))
     root = config["image_root"]
-    train = RetrievalTrainDataset(config["train_file"], transforms["train"], root, max_words)
-    val = RetrievalEvalDataset(config["val_file"], transforms["test"], root, max_words, key="val_file")
-    test = RetrievalEvalDataset(config["test_file"], transforms["test"], root, max_words, key="test_file")
+    pixels = max_pixels_from_config(config)
+    train = RetrievalTrainDataset(config["train_file"], transforms["train"], root, max_words, pixels)
+    val = RetrievalEvalDataset(config["val_file"], transforms["test"], root, max_words, "val_file", pixels)
+    test = RetrievalEvalDataset(config["test_file"], transforms["test"], root, max_words, "test_file", pixels)
     return train, val, test

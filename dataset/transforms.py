@@ -1,8 +1,4 @@
-"""Image pipelines of the pretraining and fine-tuning datasets.
-
-Importing this module also relaxes two PIL limits, as the original SIMLA code does, so truncated
-files and very large images still load.
-"""
+"""Image pipelines of the pretraining and fine-tuning datasets (images are read by :mod:`dataset.images`)."""
 
 from __future__ import annotations
 
@@ -11,15 +7,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile
+from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 from dataset.randaugment import PIPELINE_OPS, RandomAugment
-
-ImageFile.LOAD_TRUNCATED_IMAGES = True
-Image.MAX_IMAGE_PIXELS = None
 
 # CLIP image statistics, used by every normalised pipeline.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

@@ -8,7 +8,15 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from dataset.annotations import AnnotationError, as_file_list, join_image_path, load_annotations, open_rgb
+from dataset.annotations import (
+    AnnotationError,
+    annotations_by_file,
+    as_file_list,
+    join_image_path,
+    require_text,
+)
+from dataset.collate import SafeCollate
+from dataset.images import DEFAULT_MAX_IMAGE_PIXELS, ImageReader, max_pixels_from_config
 from dataset.text import pre_caption
 from dataset.transforms import build_transforms
 
@@ -18,29 +26,45 @@ VE_LABELS = {"entailment": 2, "neutral": 1, "contradiction": 0}
 class VeDataset(Dataset):
     """Entries ``{"image": <id without extension>, "sentence": str, "label": str}``; the image file is
     ``image_root/<id>.jpg``. A sample is ``(image, sentence, label)`` with entailment 2, neutral 1,
-    contradiction 0."""
+    contradiction 0.
+
+    Unreadable images: with ``skip_unreadable`` (the default for the ``train_file`` split) the sample is
+    ``None`` and :attr:`collate_fn` replaces and counts it; otherwise (val / test)
+    :class:`dataset.images.UnreadableImageError` names the file and the entry.
+    """
 
     def __init__(self, ann_file: str | Sequence[str], transform: Callable[[Any], torch.Tensor], image_root: str,
-                 max_words: int = 30, config_key: str = "train_file") -> None:
-        files = as_file_list(ann_file, config_key)
-        self.ann = load_annotations(files, required=("image", "sentence", "label"))
+                 max_words: int = 30, config_key: str = "train_file",
+                 max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, skip_unreadable: bool | None = None) -> None:
+        self.ann: list[dict] = []
+        self.labels: list[int] = []
+        for path, index, entry in annotations_by_file(as_file_list(ann_file, config_key),
+                                                      required=("image", "sentence", "label")):
+            if isinstance(entry["image"], bool) or not isinstance(entry["image"], (str, int)):
+                raise AnnotationError(f"{path}: entry {index} field 'image' must be an image id (a string or an "
+                                      f"integer), got {entry['image']!r}")
+            require_text(entry, "sentence", path, index)
+            if entry["label"] not in VE_LABELS:
+                raise AnnotationError(f"{path}: entry {index} field 'label' must be one of {sorted(VE_LABELS)}, "
+                                      f"got {entry['label']!r}")
+            self.ann.append(entry)
+            self.labels.append(VE_LABELS[entry["label"]])
         self.transform = transform
         self.image_root = image_root
         self.max_words = max_words
-        self.labels: list[int] = []
-        for index, entry in enumerate(self.ann):
-            if entry["label"] not in VE_LABELS:
-                raise AnnotationError(f"{', '.join(files)}: entry {index} field 'label' must be one of "
-                                      f"{sorted(VE_LABELS)}, got {entry['label']!r}")
-            self.labels.append(VE_LABELS[entry["label"]])
+        skip = config_key == "train_file" if skip_unreadable is None else skip_unreadable
+        self.read_image = ImageReader(max_image_pixels, skip_unreadable=skip)
+        self.collate_fn = SafeCollate() if skip else None
 
     def __len__(self) -> int:
         return len(self.ann)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, str, int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str, int] | None:
         entry = self.ann[index]
-        image = self.transform(open_rgb(join_image_path(self.image_root, f"{entry['image']}.jpg")))
-        return image, pre_caption(entry["sentence"], self.max_words), self.labels[index]
+        image = self.read_image(join_image_path(self.image_root, f"{entry['image']}.jpg"), index)
+        if image is None:
+            return None
+        return self.transform(image), pre_caption(entry["sentence"], self.max_words), self.labels[index]
 
 
 def create_ve_datasets(config: Mapping[str, Any]) -> tuple[VeDataset, VeDataset, VeDataset]:
@@ -48,8 +72,9 @@ def create_ve_datasets(config: Mapping[str, Any]) -> tuple[VeDataset, VeDataset,
     transforms = build_transforms(config)
     root = config["image_root"]
     max_words = int(config.get("max_words", 30))
+    pixels = max_pixels_from_config(config)
     return (
-        VeDataset(config["train_file"], transforms["train"], root, max_words, "train_file"),
-        VeDataset(config["val_file"], transforms["test"], root, max_words, "val_file"),
-        VeDataset(config["test_file"], transforms["test"], root, max_words, "test_file"),
+        VeDataset(config["train_file"], transforms["train"], root, max_words, "train_file", pixels),
+        VeDataset(config["val_file"], transforms["test"], root, max_words, "val_file", pixels),
+        VeDataset(config["test_file"], transforms["test"], root, max_words, "test_file", pixels),
     )

@@ -6,11 +6,14 @@ Training samples are ``(image, question, answers, weights)``: each distinct VQA 
 share of the annotators (in first-occurrence order), a VG answer weighted 0.5, every answer followed by
 ``[SEP]``. Test samples are ``(image, question, question_id)``; the test set also holds the candidate
 ``answer_list`` and, when its entries carry annotator answers, ``answers_by_question_id`` for scoring.
+
+Unreadable images: a training sample becomes ``None`` (``collate_fn``, a :class:`CountedVQACollate`,
+drops and counts it); a test image raises :class:`dataset.images.UnreadableImageError` naming the file,
+the entry and the question, since every test question must be answered.
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -22,10 +25,11 @@ from dataset.annotations import (
     as_file_list,
     join_image_path,
     load_annotations,
-    open_rgb,
     read_json,
+    require_text,
 )
 from dataset.collate import vqa_collate_fn
+from dataset.images import DEFAULT_MAX_IMAGE_PIXELS, ImageReader, max_pixels_from_config
 from dataset.text import pre_question
 from dataset.transforms import build_transforms
 
@@ -56,6 +60,8 @@ def answer_weights(answers: Sequence[str]) -> tuple[list[str], list[float]]:
 def _check_entries(entries: Sequence[dict], where: str, split: str, seen: set[int]) -> None:
     """Check the fields of one file's entries; ``seen`` collects test question ids across files."""
     for index, entry in enumerate(entries):
+        require_text(entry, "question", where, index)
+        require_text(entry, "image", where, index)
         source = entry.get("dataset", "vqa")
         if source not in SOURCES:
             raise AnnotationError(f"{where}: entry {index} has dataset {source!r}; expected 'vqa' or 'vg'")
@@ -87,7 +93,7 @@ class VQADataset(Dataset):
 
     def __init__(self, ann_file: str | Sequence[str], transform: Callable[[Any], torch.Tensor], vqa_root: str,
                  vg_root: str, eos: str = "[SEP]", split: str = "train", max_ques_words: int = 30,
-                 answer_list: str = "") -> None:
+                 answer_list: str = "", max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         files = as_file_list(ann_file, "train_file" if split == "train" else "test_file")
@@ -105,6 +111,8 @@ class VQADataset(Dataset):
         self.eos = eos
         self.split = split
         self.max_ques_words = max_ques_words
+        self.read_image = ImageReader(max_image_pixels, skip_unreadable=split == "train")
+        self.collate_fn = CountedVQACollate() if split == "train" else None
         self.answer_list: list[str] = []
         self.answers_by_question_id: dict[int, list[str]] = {}
         if split == "test":
@@ -131,19 +139,12 @@ class VQADataset(Dataset):
         path = self.image_path(entry)
         question = pre_question(entry["question"], self.max_ques_words)
         if self.split == "test":
-            # every test question must be answered, so an unreadable image is an error
-            try:
-                image = self.transform(open_rgb(path))
-            except Exception as exc:
-                raise OSError(f"cannot read image {path!r} of test question {entry['question_id']}: "
-                              f"{exc.__class__.__name__}: {exc}") from exc
-            return image, question, int(entry["question_id"])
-        try:
-            image = self.transform(open_rgb(path))
-        except Exception as exc:  # noqa: BLE001 - an unreadable training image is skipped and counted
-            warnings.warn(f"skipping sample {index}: cannot read image {path!r} ({exc.__class__.__name__}: {exc})",
-                          stacklevel=2)
+            qid = int(entry["question_id"])
+            return self.transform(self.read_image(path, index, f"question {qid}")), question, qid
+        image = self.read_image(path, index)
+        if image is None:
             return None
+        image = self.transform(image)
         if entry["dataset"] == "vqa":
             answers, weights = answer_weights(entry["answer"])
         else:
@@ -165,8 +166,9 @@ class CountedVQACollate:
 def create_vqa_datasets(config: Mapping[str, Any]) -> tuple[VQADataset, VQADataset]:
     """``(train, test)`` as the original ``create_dataset("vqa", config)``."""
     transforms = build_transforms(config)
+    pixels = max_pixels_from_config(config)
     train = VQADataset(config["train_file"], transforms["train"], config["vqa_root"], config["vg_root"],
-                       split="train")
+                       split="train", max_image_pixels=pixels)
     test = VQADataset(config["test_file"], transforms["test"], config["vqa_root"], config["vg_root"],
-                      split="test", answer_list=config["answer_list"])
+                      split="test", answer_list=config["answer_list"], max_image_pixels=pixels)
     return train, test

@@ -7,8 +7,13 @@ import argparse
 from utils import str2bool
 
 
-def base_parser(description: str, default_config: str, default_output_dir: str) -> argparse.ArgumentParser:
-    """The original flags with their defaults; boolean flags accept true/false/1/0/yes/no."""
+def base_parser(description: str, default_config: str, default_output_dir: str,
+                training: bool = True) -> argparse.ArgumentParser:
+    """The original flags with their defaults; boolean flags accept true/false/1/0/yes/no.
+
+    ``training`` adds the flags of scripts that train: ``--resume``, ``--save_every_steps`` and
+    ``--skip_nonfinite``.
+    """
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", default=default_config, help="YAML config file")
     parser.add_argument("--checkpoint", default="", help="checkpoint to start from ('' for none)")
@@ -31,4 +36,16 @@ def base_parser(description: str, default_config: str, default_output_dir: str) 
     parser.add_argument("--num_workers", default=4, type=int, help="data-loading worker processes per rank")
     parser.add_argument("--log_backend", default="none", choices=("none", "tensorboard", "wandb"),
                         help="extra metric logging (off by default; wandb runs offline)")
+    parser.add_argument("--dist_timeout", default=1800, type=float,
+                        help="seconds a collective may wait for the other processes before the run fails")
+    if not training:
+        return parser
+    parser.add_argument("--resume", default=False, type=str2bool,
+                        help="with --checkpoint (a checkpoint of this script): restore optimizer, scheduler, "
+                             "random generators and data position and continue where it stopped")
+    parser.add_argument("--save_every_steps", default=0, type=int,
+                        help="also write a rolling mid-epoch checkpoint (checkpoint_last.pth) every N steps; "
+                             "--resume from it continues at the next step with the same data order")
+    parser.add_argument("--skip_nonfinite", action="store_true",
+                        help="skip (and count) a step whose loss is NaN or infinite instead of stopping")
     return parser

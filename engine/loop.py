@@ -8,10 +8,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from engine.precision import autocast
 from scheduler import warmup_step
-from utils import MetricLogger, SmoothedValue
+from utils import MetricLogger, SmoothedValue, is_dist_avail_and_initialized
 
 
 class NonFiniteLossError(RuntimeError):
@@ -32,6 +33,28 @@ class EpochSettings:
     header: str = "Train Epoch: [{epoch}]"
     extra_meters: dict[str, str] = field(default_factory=dict)
     counted_batches: bool = False  # the loader yields (batch, num_failed) from SafeCollate
+    skip_nonfinite: bool = False  # skip and count a step with a NaN/inf loss instead of stopping
+    save_every_steps: int = 0  # call ``save_step`` after every N-th step of the epoch
+
+
+def _everyone(condition: bool, device: torch.device) -> bool:
+    """Whether ``condition`` holds on every process (a collective call when distributed)."""
+    if is_dist_avail_and_initialized():
+        flag = torch.tensor([1.0 if condition else 0.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item() > 0)
+    return condition
+
+
+def _all_finite(values: Mapping[str, float], device: torch.device) -> bool:
+    """Whether every process's losses are finite (all processes must agree before skipping a step)."""
+    return _everyone(all(math.isfinite(v) for v in values.values()), device)
+
+
+def _buffers_snapshot(model: torch.nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    # queues and their pointers change in the forward pass; a skipped step must not keep what it enqueued
+    module = getattr(model, "module", model)
+    return [(buffer, buffer.detach().clone()) for buffer in module.buffers()]
 
 
 def train_one_epoch(model: torch.nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, scheduler: Any,
@@ -39,12 +62,18 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable, optimizer: torch.o
                     step_fn: Callable[[Any, int, int], Mapping[str, torch.Tensor]], settings: EpochSettings,
                     scaler: torch.amp.GradScaler | None = None, sampler: Any = None,
                     on_step: Callable[[int, Mapping[str, float], torch.nn.Module], None] | None = None,
+                    start_step: int = 0, save_step: Callable[[int], None] | None = None,
                     ) -> dict[str, str]:
     """Run one epoch: for each batch ``step_fn(batch, i, num_batches)`` returns the named losses,
     whose sum is back-propagated; the LR warm-up steps inside epoch 0 as the original.
 
     Loaders built with :class:`dataset.collate.SafeCollate` yield ``(batch, num_failed)``: failed
     samples are counted in the ``skipped`` meter and a batch in which every sample failed is skipped.
+
+    ``start_step`` continues an epoch from a mid-epoch checkpoint (the sampler must already start at
+    that batch); ``save_step(next_step)`` is called after every ``settings.save_every_steps``-th step.
+    A NaN or infinite loss raises :class:`NonFiniteLossError` naming the step and every loss value,
+    or, with ``settings.skip_nonfinite``, drops that step (no update; queues restored) and counts it.
     """
     model.train()
     logger = MetricLogger(delimiter="  ")
@@ -57,23 +86,46 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable, optimizer: torch.o
         sampler.set_epoch(epoch)
     num_batches = len(loader)
     skipped_samples = 0
+    skipped_steps = 0
     header = settings.header.format(epoch=epoch)
-    for i, item in enumerate(logger.log_every(loader, settings.print_freq, header)):
+    for i, item in enumerate(logger.log_every(loader, settings.print_freq, header, first_index=start_step),
+                             start=start_step):
         batch = item
         if settings.counted_batches:
             batch, failed = item
             skipped_samples += failed
-            if batch is None:
-                print(f"warning: every sample of batch {i} of epoch {epoch} was unreadable; batch skipped")
+            # all processes skip together, or the others would wait for this one's gradients forever
+            if not _everyone(batch is not None, device):
+                where = "this process" if batch is None else "another process"
+                print(f"warning: every sample of batch {i} of epoch {epoch} on {where} was unreadable; "
+                      "step skipped")
+                if epoch == 0:
+                    warmup_step(scheduler, epoch, i, settings.warmup_epochs, settings.step_size)
                 continue
         optimizer.zero_grad(set_to_none=True)
+        snapshot = _buffers_snapshot(model) if settings.skip_nonfinite else None
         with autocast(device, settings.amp):
             losses = step_fn(batch, i, num_batches)
         total = sum(losses.values())
         values = {name: float(loss.detach()) for name, loss in losses.items()}
-        if not math.isfinite(sum(values.values())):
+        if not _all_finite(values, device):
             detail = ", ".join(f"{k}={v}" for k, v in values.items())
-            raise NonFiniteLossError(f"non-finite loss at epoch {epoch}, iteration {i}: {detail}")
+            where = f"epoch {epoch}, iteration {i}"
+            if snapshot is None:
+                raise NonFiniteLossError(f"non-finite loss at {where} (on this or another process): {detail}; "
+                                         "--skip_nonfinite skips such steps instead")
+            skipped_steps += 1
+            print(f"warning: non-finite loss at {where}: {detail}; step skipped ({skipped_steps} this epoch)")
+            with torch.no_grad():
+                for buffer, saved in snapshot:
+                    buffer.copy_(saved)
+            # every process runs backward so distributed gradient hooks stay in step; nothing is applied
+            total.backward()
+            optimizer.zero_grad(set_to_none=True)
+            if epoch == 0:
+                warmup_step(scheduler, epoch, i, settings.warmup_epochs, settings.step_size)
+            continue
+        del snapshot
         if scaler is not None and scaler.is_enabled():
             scaler.scale(total).backward()
             scaler.step(optimizer)
@@ -86,12 +138,19 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable, optimizer: torch.o
             on_step(i, values, model)
         if epoch == 0:
             warmup_step(scheduler, epoch, i, settings.warmup_epochs, settings.step_size)
+        if save_step is not None and settings.save_every_steps > 0 and (i + 1) % settings.save_every_steps == 0 \
+                and i + 1 < num_batches:
+            save_step(i + 1)
     logger.synchronize_between_processes()
     if skipped_samples:
-        print(f"{skipped_samples} unreadable samples were replaced by other samples of their batch this epoch")
+        print(f"{skipped_samples} unreadable samples this epoch (replaced by other samples of their batch, or "
+              "dropped from it)")
     print("Averaged stats:", logger.global_avg())
     stats = {name: settings.stats_format.format(meter.global_avg) for name, meter in logger.meters.items()
              if meter.count}
     if skipped_samples:
         stats["skipped_samples"] = skipped_samples
+    if skipped_steps:
+        print(f"{skipped_steps} steps with non-finite losses were skipped this epoch")
+        stats["skipped_steps"] = skipped_steps
     return stats

@@ -1,19 +1,30 @@
-"""Run set-up shared by every script: config, output folder, distributed init, device and seeds."""
+"""Run set-up shared by every script: config, output folder, distributed init, device and seeds, and the
+entry wrapper that makes a failing process of a multi-process run exit promptly."""
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
+import traceback
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.backends.cudnn as cudnn
 from torch.nn.parallel import DistributedDataParallel
 
 from configs import load_config, save_config
-from utils import get_rank, get_world_size, init_distributed_mode, is_main_process, seed_everything
+from utils import (
+    get_rank,
+    get_world_size,
+    init_distributed_mode,
+    is_dist_avail_and_initialized,
+    is_main_process,
+    seed_everything,
+)
 
 
 @dataclass
@@ -70,3 +81,73 @@ def wrap_ddp(model: torch.nn.Module, ctx: RunContext, **kwargs: Any) -> tuple[to
     device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
     ddp = DistributedDataParallel(model, device_ids=device_ids, **kwargs)
     return ddp, model
+
+
+def _env_rank(rank_var: str, size_var: str) -> int | None:
+    """The rank a launcher gave this process through ``rank_var``, if its job has several processes."""
+    rank, size = os.environ.get(rank_var, "").strip(), os.environ.get(size_var, "").strip()
+    if not rank.isdigit() or not size.isdigit() or int(size) < 2:
+        return None
+    return int(rank)
+
+
+def job_rank(args: argparse.Namespace) -> int | None:
+    """Global rank of this process when it is part of a multi-process run, None for a single process.
+
+    Known from the process group once it exists, before that from the launcher's environment (torchrun:
+    ``RANK``/``WORLD_SIZE``; SLURM: ``SLURM_PROCID``/``SLURM_NTASKS``), so that a failure during set-up
+    is also reported with its rank.
+    """
+    if is_dist_avail_and_initialized():
+        return get_rank()
+    for rank_var, size_var in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
+        rank = _env_rank(rank_var, size_var)
+        if rank is not None:
+            return rank
+    return None
+
+
+def _exit_status(exc: BaseException) -> int:
+    if isinstance(exc, KeyboardInterrupt):
+        return 130
+    if isinstance(exc, SystemExit) and isinstance(exc.code, int) and exc.code != 0:
+        return exc.code
+    return 1
+
+
+def exit_after_failure(rank: int, exc: BaseException) -> NoReturn:
+    """Report the failure of rank ``rank`` on stderr (message and traceback) and end the process now.
+
+    The process group is deliberately not destroyed: ``destroy_process_group`` may wait for a
+    collective that the peers never complete. ``os._exit`` skips that wait (and the interpreter's own
+    clean-up, which can block in the same way); closing the process's connections is what makes the
+    peers' pending collectives fail (gloo) or lets their watchdog time out (nccl), after which the
+    launcher stops the remaining processes.
+    """
+    lines = [f"rank {rank} failed: {type(exc).__name__}: {exc}\n",
+             *traceback.format_exception(type(exc), exc, exc.__traceback__)]
+    try:
+        sys.stdout.flush()
+        sys.stderr.write("".join(lines))
+        sys.stderr.flush()
+    finally:
+        os._exit(_exit_status(exc))
+
+
+def run_entry(main: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> None:
+    """Run a script's ``main(args)``; if it raises in a multi-process run, exit this process at once.
+
+    A single process lets the exception propagate as usual (traceback, exit status 1). A process of a
+    multi-process run (see :func:`job_rank`) prints ``rank R failed: <error>`` and its traceback and
+    exits with status 1 (130 for Ctrl-C, the code of a non-zero ``SystemExit``) without waiting for
+    its peers (see :func:`exit_after_failure`), so that no process is left blocked in a collective.
+    """
+    try:
+        main(args)
+    except BaseException as exc:
+        if isinstance(exc, SystemExit) and exc.code in (None, 0):
+            raise
+        rank = job_rank(args)
+        if rank is None:
+            raise
+        exit_after_failure(rank, exc)

@@ -344,7 +344,7 @@ def test_grounding_single_process_train_and_evaluate(grounding_setup: dict[str, 
         assert f"{name}: {line[name]:.3f}" in single_run["stdout"]
     assert line["val_d"] > 0
     checkpoint = torch.load(out / "checkpoint_best.pth", weights_only=True)
-    assert list(checkpoint) == ["model", "optimizer", "lr_scheduler", "config", "epoch"]
+    assert list(checkpoint)[:5] == ["model", "optimizer", "lr_scheduler", "config", "epoch"]
     assert "text_encoder.encoder.layer.0.crossattention.self.query.weight" in checkpoint["model"]
 
     # evaluating the saved model reproduces the accuracy logged after training

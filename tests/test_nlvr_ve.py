@@ -410,7 +410,7 @@ def test_pretrain_nlvr_two_processes(pretrain_nlvr_run, pretrain_checkpoint):
     # 16 captions, 4 per process and step: 2 iterations
     assert re.search(r"Train Epoch: \[0\]  \[1/2\]", output)
     checkpoint = load_checkpoint(output_dir / "checkpoint_00.pth")
-    assert list(checkpoint) == ["model", "optimizer", "lr_scheduler", "config", "epoch"]
+    assert list(checkpoint)[:5] == ["model", "optimizer", "lr_scheduler", "config", "epoch"]
     assert checkpoint["config"]["nlvr_num_layers"] == 6 and checkpoint["epoch"] == 0
     state, source = checkpoint["model"], pretrain_checkpoint[1]
     model = pretrain_nlvr_model.SIMLA(config=demo_config("configs/NLVR_Pretrain_demo.yaml"))

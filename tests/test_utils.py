@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import base64
 import builtins
+import datetime
 import io
 import json
 import lzma
@@ -217,7 +218,8 @@ def test_append_log(tmp_path):
 # Distributed utilities
 # ---------------------------------------------------------------------------------------------------
 
-_DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")
+_DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID",
+             "TORCH_NCCL_ASYNC_ERROR_HANDLING")
 
 
 @pytest.fixture
@@ -261,7 +263,8 @@ def test_init_distributed_mode_torchrun_env_cpu(clean_env, capsys):
     utils.init_distributed_mode(args)
     assert (args.rank, args.world_size, args.gpu, args.distributed) == (1, 2, 1, True)
     assert args.dist_backend == "gloo"
-    assert calls == [{"backend": "gloo", "init_method": "env://", "world_size": 2, "rank": 1}]
+    assert calls == [{"backend": "gloo", "init_method": "env://", "world_size": 2, "rank": 1,
+                      "timeout": datetime.timedelta(seconds=1800)}]
     assert capsys.readouterr().out == "| distributed init (rank 1): env://\n"
     print("hidden on rank 1")
     assert capsys.readouterr().out == ""

@@ -232,7 +232,7 @@ def test_script_loading_renames_only_for_training(tokenizer, tmp_path, capsys):
         model = SIMLA(tokenizer=tokenizer, config=_demo_config())
         args = VQA.get_parser().parse_args(["--checkpoint", str(path)] + (["--evaluate"] if evaluate else []))
         before = model.text_decoder.bert.encoder.layer[0].output.dense.weight.detach().clone()
-        assert VQA.load_checkpoint_into(model, args, None, None, None) == 0
+        assert VQA.load_checkpoint_into(model, args, None, 1).epoch == 0
         after = model.text_decoder.bert.encoder.layer[0].output.dense.weight
         printed = capsys.readouterr().out
         if evaluate:
@@ -429,7 +429,7 @@ def test_single_process_train_and_evaluate(single_run, small_demo_data):
     assert vqa_accuracy(result, annotations)["accuracy"] == log[1]["test_vqa_accuracy"]
 
     checkpoint = load_checkpoint(output_dir / "checkpoint_00.pth")
-    assert list(checkpoint) == CHECKPOINT_KEYS and checkpoint["epoch"] == 0
+    assert list(checkpoint)[:5] == CHECKPOINT_KEYS and checkpoint["epoch"] == 0
     keys = checkpoint["model"]
     assert "text_decoder.bert.encoder.layer.1.crossattention.self.query.weight" in keys
     assert not any(k.startswith("text_decoder.bert.encoder.layer.2.") for k in keys)

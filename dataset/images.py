@@ -1,0 +1,145 @@
+"""Reading dataset images: RGB conversion, a decompression-bomb guard and reports of unreadable files.
+
+PIL settings made on import (the original SIMLA code makes the same two):
+
+* ``ImageFile.LOAD_TRUNCATED_IMAGES = True``: a JPEG cut short after its first scan lines still loads,
+  with the missing rows filled in, so a partly downloaded photo keeps its sample. A file cut so early
+  that PIL cannot decode anything still fails and is treated as unreadable.
+* ``Image.MAX_IMAGE_PIXELS = None``: PIL's own fixed limit (a warning above about 89 million pixels, an
+  error above twice that) is switched off because the configurable ``max_image_pixels`` check of
+  :func:`read_rgb` takes its place, and ``max_image_pixels: null`` must give the original "no limit".
+
+Training datasets turn an unreadable image into a ``None`` sample (see :class:`ImageReader`), which
+:class:`dataset.collate.SafeCollate` replaces and counts; evaluation datasets raise
+:class:`UnreadableImageError` instead, because every evaluated index must be a real image.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any
+
+from PIL import Image, ImageFile
+
+ImageFile.LOAD_TRUNCATED_IMAGES = True
+Image.MAX_IMAGE_PIXELS = None
+
+# 2**28 pixels = 16384 x 16384, 768 MiB once decoded to 8-bit RGB: about three times the largest photos
+# of the public image-text sets (100-megapixel scans fit) while a crafted file that claims, say,
+# 65535 x 65535 pixels (12 GiB decoded) per DataLoader worker is refused from its header alone.
+DEFAULT_MAX_IMAGE_PIXELS = 2 ** 28
+MAX_IMAGE_PIXELS_KEY = "max_image_pixels"
+
+# first failures reported one by one, later ones only when the count reaches a power of ten
+REPORT_FIRST = 10
+
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+class UnreadableImageError(OSError):
+    """An image file that is missing, empty, not an image, corrupt or over the pixel limit."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"cannot read image {path!r}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+class UnreadableImageWarning(UserWarning):
+    """A training sample was skipped because its image could not be read."""
+
+
+def max_pixels_from_config(config: Any) -> int | None:
+    """The ``max_image_pixels`` of a config: a positive integer, or ``None`` (``null`` / 0: no limit)."""
+    value = config.get(MAX_IMAGE_PIXELS_KEY, DEFAULT_MAX_IMAGE_PIXELS)
+    return check_max_pixels(value)
+
+
+def check_max_pixels(value: Any) -> int | None:
+    """Validate a pixel limit; ``None`` and 0 disable the guard."""
+    if value is None or value == 0:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"config key {MAX_IMAGE_PIXELS_KEY!r} must be a positive integer, or null / 0 for no "
+                         f"limit, got {value!r}")
+    return value
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any PIL mode to RGB; 16-bit grayscale is scaled down by 256 rather than clipped."""
+    if img.mode in _SIXTEEN_BIT_MODES:
+        img = img.point(lambda v: v * (1 / 256)).convert("L")
+    if img.mode == "P" and "transparency" in img.info:
+        # a palette image with a transparent entry goes through RGBA, as PIL recommends, so the
+        # conversion neither warns nor depends on the palette layout
+        img = img.convert("RGBA")
+    return img.convert("RGB")
+
+
+def read_rgb(path: str, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """Open ``path``, check its size from the header against ``max_pixels``, decode it and convert to RGB.
+
+    Every failure (missing or empty file, unknown format, corrupt data, too many pixels) raises
+    :class:`UnreadableImageError` naming the file and the reason.
+    """
+    if not os.path.isfile(path):
+        raise UnreadableImageError(path, "no such file" if not os.path.exists(path) else "not a regular file")
+    if os.path.getsize(path) == 0:
+        raise UnreadableImageError(path, "empty file")
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise UnreadableImageError(path, f"{width}x{height} = {width * height} pixels exceeds "
+                                                 f"{MAX_IMAGE_PIXELS_KEY}={max_pixels} (decompression-bomb guard)")
+            img.load()
+            return to_rgb(img)
+    except UnreadableImageError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - PIL raises many types (OSError, SyntaxError, ValueError, ...)
+        raise UnreadableImageError(path, f"{type(exc).__name__}: {exc}") from exc
+
+
+class ImageReader:
+    """Reads the images of one dataset.
+
+    With ``skip_unreadable`` (training) an unreadable image gives ``None`` and a warning naming the file
+    and the reason; the first :data:`REPORT_FIRST` failures are reported one by one, later ones only at
+    counts 100, 1000, ... so that a broken image folder does not flood the log. Each DataLoader worker
+    holds its own copy, so ``failures`` counts per process; the exact total per epoch comes from the
+    collate. Without ``skip_unreadable`` (evaluation) the error propagates with the entry index added.
+    """
+
+    def __init__(self, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, skip_unreadable: bool = True) -> None:
+        self.max_pixels = check_max_pixels(max_pixels)
+        self.skip_unreadable = skip_unreadable
+        self.failures = 0
+
+    def __call__(self, path: str, index: int, sample: str = "") -> Image.Image | None:
+        """The RGB image at ``path`` for dataset entry ``index`` (``sample`` adds e.g. a question id to
+        messages), or ``None`` when it is unreadable and unreadable images are skipped."""
+        try:
+            return read_rgb(path, self.max_pixels)
+        except UnreadableImageError as exc:
+            where = f"dataset entry {index}{f', {sample}' if sample else ''}"
+            if not self.skip_unreadable:
+                raise UnreadableImageError(path, f"{exc.reason} ({where}; evaluation needs every image)") from exc
+            self.failures += 1
+            if self._should_report(self.failures):
+                later = "; later ones are reported at counts 100, 1000, ..." if self.failures == REPORT_FIRST else ""
+                warnings.warn(UnreadableImageWarning(
+                    f"skipping sample ({where}): {exc} [unreadable image {self.failures} in this process{later}]"
+                ), stacklevel=3)
+            return None
+
+    @staticmethod
+    def _should_report(count: int) -> bool:
+        if count <= REPORT_FIRST:
+            return True
+        while count % 10 == 0:
+            count //= 10
+        return count == 1
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(max_pixels={self.max_pixels}, skip_unreadable={self.skip_unreadable})"
