@@ -234,7 +234,9 @@ def load_config(
     """Load a YAML config as a plain dict, apply ``overrides`` and, if ``task`` is given, validate it.
 
     Raises ``FileNotFoundError`` for a missing file and :class:`ConfigError` for invalid YAML, a
-    non-mapping document, a bad override or (with ``task``) a missing required key.
+    non-mapping document, a bad override or (with ``task``) a missing required key or a value of the
+    wrong type; unknown keys give a :class:`~configs.schema.ConfigWarning`. Only the config file itself
+    is read: the scripts call this first, so a bad config fails before any data file is opened.
     """
     source = str(path)
     resolved = resolve_config_path(path)

@@ -5,15 +5,23 @@ original SIMLA code spells the scheduler section that way, and so do we). A miss
 error; a key that no script reads only triggers a warning, so that old or annotated YAML files keep
 working.
 
+Known keys also have an expected type (:data:`KEY_TYPES` for the top level, ``SectionSchema.types``
+inside the sections): a value of another type (``batch_size_train: "32"``, ``image_res: 2.5``,
+``optimizer.lr: fast``) is an error that names the file, the key, the expected and the found type and
+the value. Integers are accepted where a float is expected, booleans are never taken for numbers, and
+``null`` only for keys that give it a meaning (an unset option, "no limit"). Loading checks all of this
+before any data is read.
+
 To teach the validator about a new key, add it to the task's ``optional`` mapping (or to
-``COMMON_OPTIONAL``), or call :func:`extend_schema` from the code that introduces the key.
+``COMMON_OPTIONAL``) and give it a type in :data:`KEY_TYPES`, or call :func:`extend_schema` from the
+code that introduces the key.
 """
 
 from __future__ import annotations
 
 import difflib
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,12 +34,61 @@ class ConfigWarning(UserWarning):
     """Emitted for configuration keys that no script reads."""
 
 
+@dataclass(frozen=True)
+class ValueType:
+    """The type a config value must have: a check and the words that describe it in errors."""
+
+    description: str
+    check: Callable[[Any], bool]
+    nullable: bool = False
+
+    def accepts(self, value: Any) -> bool:
+        """True when ``value`` has this type (``None`` only for a nullable type)."""
+        if value is None:
+            return self.nullable
+        return self.check(value)
+
+    def or_null(self) -> ValueType:
+        """The same type that also accepts ``null``."""
+        return ValueType(f"{self.description} or null", self.check, nullable=True)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_str_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
+
+
+def _is_number_list(value: Any) -> bool:
+    return isinstance(value, list) and all(_is_number(item) for item in value)
+
+
+INT = ValueType("an integer", _is_int)
+NUMBER = ValueType("a number", _is_number)  # a float; integers are accepted
+BOOL = ValueType("a boolean (true/false)", lambda value: isinstance(value, bool))
+STR = ValueType("a string", lambda value: isinstance(value, str))
+STR_LIST = ValueType("a list of strings", _is_str_list)
+STR_OR_LIST = ValueType("a string or a list of strings",
+                        lambda value: isinstance(value, str) or _is_str_list(value))
+NUMBER_LIST = ValueType("a list of numbers", _is_number_list)
+NUMBER_OR_LIST = ValueType("a number or a list of numbers",
+                           lambda value: _is_number(value) or _is_number_list(value))
+MAPPING = ValueType("a mapping", lambda value: isinstance(value, Mapping))
+
+
 @dataclass
 class SectionSchema:
     """Keys of a nested section such as ``optimizer``."""
 
     required: tuple[str, ...]
     optional: dict[str, Any] = field(default_factory=dict)
+    types: dict[str, ValueType] = field(default_factory=dict)
 
     @property
     def known(self) -> set[str]:
@@ -44,11 +101,13 @@ class TaskSchema:
     """Keys read by one task.
 
     ``optional`` maps a key to the default the scripts use when it is absent (``None`` when the key is
-    accepted but never read).
+    accepted but never read). ``types`` gives the expected type of a key only this task knows; the
+    other keys' types come from :data:`KEY_TYPES`.
     """
 
     required: tuple[str, ...]
     optional: dict[str, Any] = field(default_factory=dict)
+    types: dict[str, ValueType] = field(default_factory=dict)
 
     @property
     def known(self) -> set[str]:
@@ -70,6 +129,10 @@ COMMON_OPTIONAL: dict[str, Any] = {
     "randaugment_fix_autocontrast": False,
     "deit_weights": None,
     "max_words": 30,
+    # decompression-bomb guard: an image whose header claims more pixels is unreadable (a skipped and
+    # counted training sample, an error in evaluation); 2**28 = 16384 x 16384. null or 0: no limit, the
+    # original behaviour (see dataset/images.py)
+    "max_image_pixels": 2 ** 28,
     # random initialisation instead of the DeiT / BERT downloads (demo and tests; a checkpoint then
     # supplies the weights)
     "from_scratch": False,
@@ -78,6 +141,10 @@ COMMON_OPTIONAL: dict[str, Any] = {
 SECTION_SCHEMAS: dict[str, SectionSchema] = {
     "optimizer": SectionSchema(
         required=("opt", "lr"),
+        types={
+            "opt": STR, "lr": NUMBER, "weight_decay": NUMBER, "opt_eps": NUMBER.or_null(),
+            "opt_betas": NUMBER_LIST.or_null(), "opt_args": MAPPING.or_null(), "momentum": NUMBER,
+        },
         optional={
             "weight_decay": 0.0,
             "opt_eps": None,
@@ -88,6 +155,13 @@ SECTION_SCHEMAS: dict[str, SectionSchema] = {
     ),
     "schedular": SectionSchema(
         required=("sched", "epochs"),
+        types={
+            "sched": STR, "epochs": INT, "lr": NUMBER.or_null(), "min_lr": NUMBER, "decay_rate": NUMBER,
+            "warmup_lr": NUMBER, "warmup_epochs": INT, "cooldown_epochs": INT, "lr_cycle_mul": NUMBER,
+            "lr_cycle_limit": INT, "lr_noise": NUMBER_OR_LIST.or_null(), "lr_noise_pct": NUMBER,
+            "lr_noise_std": NUMBER, "seed": INT, "decay_epochs": NUMBER.or_null(),
+            "patience_epochs": INT.or_null(), "eval_metric": STR.or_null(),
+        },
         optional={
             "lr": None,  # present in every shipped file but never read: the peak LR is optimizer.lr
             # read by the LR scheduler factories; every shipped file sets them
@@ -110,6 +184,38 @@ SECTION_SCHEMAS: dict[str, SectionSchema] = {
 }
 
 _SECTIONS = ("optimizer", "schedular")
+
+# Expected type of every top-level key any task knows (the sections are checked key by key with
+# ``SectionSchema.types``). Annotation files may be one path or a list of paths.
+KEY_TYPES: dict[str, ValueType] = {
+    **dict.fromkeys(("train_file", "val_file", "test_file"), STR_OR_LIST),
+    **dict.fromkeys(
+        ("image_root", "bert_config", "image_tokenizer_path", "refcoco_data", "det_file", "coco_file",
+         "answer_list", "vqa_root", "vg_root", "eos"),
+        STR,
+    ),
+    **dict.fromkeys(("deit_weights", "save_sims"), STR.or_null()),
+    **dict.fromkeys(
+        ("image_res", "vision_width", "vision_depth", "vision_heads", "patch_size", "embed_dim",
+         "batch_size", "batch_size_train", "batch_size_test", "queue_size", "k_test", "max_words",
+         "decoder_depth", "nlvr_num_layers", "nlvr_split_layer", "itm_eval_batch_size",
+         "psl_keys_per_head", "psl_num_keywords", "mask_num_patches", "mask_min_patches",
+         "distill_softmax_dim"),
+        INT,
+    ),
+    # null: the last text layer (psl_layer), no pixel limit (max_image_pixels, where 0 means the same)
+    **dict.fromkeys(("psl_layer", "max_image_pixels"), INT.or_null()),
+    **dict.fromkeys(("temp", "mlm_probability", "momentum", "alpha", "mask_min_aspect"), NUMBER),
+    "mask_max_aspect": NUMBER.or_null(),
+    **dict.fromkeys(
+        ("vit_mask_token", "grad_checkpointing", "randaugment_clip_sharpness",
+         "randaugment_fix_autocontrast", "from_scratch", "disable_wandb", "mim_aligned_views", "distill",
+         "warm_up", "eval_ema", "freeze_visual_encoder", "enqueue_idx", "grounding_skip_empty_fix",
+         "vqa_distill_alpha", "copy_momentum_after_load"),
+        BOOL,
+    ),
+    **dict.fromkeys(_SECTIONS, MAPPING),
+}
 
 TASK_SCHEMAS: dict[str, TaskSchema] = {
     "pretrain": TaskSchema(
@@ -215,14 +321,29 @@ def extend_schema(
     task: str,
     required: Iterable[str] = (),
     optional: Mapping[str, Any] | None = None,
+    types: Mapping[str, ValueType] | None = None,
 ) -> TaskSchema:
-    """Add required and/or optional keys to a task's schema; returns the updated schema."""
+    """Add required and/or optional keys (and their expected ``types``) to a task's schema; returns the
+    updated schema."""
     schema = TASK_SCHEMAS[canonical_task(task)]
     extra = tuple(k for k in required if k not in schema.required)
     schema.required = schema.required + extra
     if optional:
         schema.optional.update(optional)
+    if types:
+        schema.types.update(types)
     return schema
+
+
+def expected_type(task: str, key: str) -> ValueType | None:
+    """The type a key of ``task`` must have; ``key`` may be a dotted section key (``optimizer.lr``).
+    None for a key without a declared type (it is not checked)."""
+    section, dot, name = key.partition(".")
+    if dot:
+        section_schema = SECTION_SCHEMAS.get(section)
+        return section_schema.types.get(name) if section_schema else None
+    schema = TASK_SCHEMAS[canonical_task(task)]
+    return schema.types.get(key) or KEY_TYPES.get(key)
 
 
 def _closest(name: str, candidates: Iterable[str], cutoff: float = 0.6) -> str | None:
@@ -232,6 +353,51 @@ def _closest(name: str, candidates: Iterable[str], cutoff: float = 0.6) -> str |
 
 def _where(path: Any) -> str:
     return f" in {path}" if path is not None else ""
+
+
+_TYPE_NAMES: tuple[tuple[type, str], ...] = (
+    (bool, "bool"), (int, "int"), (float, "float"), (str, "str"), (list, "list"), (Mapping, "mapping"),
+)
+
+
+def _type_name(value: Any) -> str:
+    if value is None:
+        return "null"
+    for kind, name in _TYPE_NAMES:
+        if isinstance(value, kind):
+            return name
+    return type(value).__name__
+
+
+def _shown(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _type_errors(
+    mapping: Mapping[str, Any], known: set[str], task: str, prefix: str
+) -> list[tuple[str, str]]:
+    """``(key, "expected ..., found ...")`` for every key in ``known`` whose value in ``mapping`` does
+    not have the key's expected type (unknown keys only get the warning)."""
+    errors = []
+    for key, value in mapping.items():
+        if key not in known or (prefix == "" and key in SECTION_SCHEMAS):
+            continue  # sections are checked (as mappings and key by key) separately
+        kind = expected_type(task, f"{prefix}{key}")
+        if kind is None or kind.accepts(value):
+            continue
+        errors.append((f"{prefix}{key}",
+                       f"expected {kind.description}, found {_type_name(value)} {_shown(value)}"))
+    return errors
+
+
+def _raise_type_errors(errors: list[tuple[str, str]], path: Any) -> None:
+    if len(errors) == 1:
+        key, detail = errors[0]
+        raise ConfigError(f"config key '{key}'{_where(path)} has the wrong type: {detail}")
+    if errors:
+        listing = "".join(f"\n  '{key}': {detail}" for key, detail in errors)
+        raise ConfigError(f"{len(errors)} config keys{_where(path)} have the wrong type:{listing}")
 
 
 def _check_keys(
@@ -266,8 +432,10 @@ def validate_config(config: Mapping[str, Any], task: str, path: Any = None) -> M
     """Check ``config`` against the schema of ``task``.
 
     Raises :class:`ConfigError` for a missing required key (naming the key, the file ``path`` and a
-    similarly spelled key present in the file, if any) or a malformed section; warns with
-    :class:`ConfigWarning` about keys the task does not read. Returns ``config`` unchanged.
+    similarly spelled key present in the file, if any), a malformed section or known keys whose values
+    have the wrong type (all of them in one error: key, expected and found type, value); warns with
+    :class:`ConfigWarning` about keys the task does not read, naming the closest known key. Returns
+    ``config`` unchanged.
     """
     name = canonical_task(task)
     schema = TASK_SCHEMAS[name]
@@ -283,11 +451,9 @@ def validate_config(config: Mapping[str, Any], task: str, path: Any = None) -> M
                 f"config key '{section}'{_where(path)} must be a mapping, got {type(value).__name__}"
             )
         _check_keys(value, section_schema.required, section_schema.known, f"{section}.", name, path)
-    optimizer = config.get("optimizer")
-    if isinstance(optimizer, Mapping):
-        lr = optimizer.get("lr")
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)):
-            raise ConfigError(
-                f"config key 'optimizer.lr'{_where(path)} must be a number, got {lr!r}"
-            )
+    errors = _type_errors(config, schema.known, name, "")
+    for section, section_schema in SECTION_SCHEMAS.items():
+        if section in config:
+            errors += _type_errors(config[section], section_schema.known, name, f"{section}.")
+    _raise_type_errors(errors, path)
     return config
