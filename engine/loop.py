@@ -142,6 +142,11 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable, optimizer: torch.o
                 and i + 1 < num_batches:
             save_step(i + 1)
     logger.synchronize_between_processes()
+    if is_dist_avail_and_initialized():
+        # unreadable samples are counted where they were read; the log reports the whole job
+        counts = torch.tensor([skipped_samples], dtype=torch.float64, device=device)
+        dist.all_reduce(counts)
+        skipped_samples = int(counts.item())
     if skipped_samples:
         print(f"{skipped_samples} unreadable samples this epoch (replaced by other samples of their batch, or "
               "dropped from it)")
