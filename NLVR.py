@@ -22,9 +22,10 @@ from dataset import create_dataset, create_loader, create_sampler
 from dataset.resumable import create_train_loader
 from engine.accuracy import evaluate_accuracy
 from engine.checkpoint import (
+    CheckpointFit,
     checkpoint_path,
     interpolate_pos_embeds,
-    load_model_state,
+    load_fitting_state,
     read_checkpoint,
 )
 from engine.cli import base_parser
@@ -33,7 +34,7 @@ from engine.precision import grad_scaler
 from engine.resume import TrainingCheckpointer, resume_point
 from engine.runtime import RunContext, setup_run, wrap_ddp
 from engine.tracking import Tracker
-from models.simla.nlvr import SIMLA
+from models.simla.nlvr import PRETRAIN_NLVR_CHECKPOINT_MISSING, PRETRAIN_NLVR_CHECKPOINT_UNEXPECTED, SIMLA
 from models.tokenization import build_tokenizer
 from optim import create_optimizer
 from scheduler import create_scheduler, epoch_end_step
@@ -76,7 +77,8 @@ def load_nlvr_checkpoint(model: SIMLA, path: str, config: dict, trust: bool) -> 
 
     The original makes the momentum models copies of the freshly built online models *before*
     loading, so momentum weights absent from the checkpoint stay at their initial values;
-    ``copy_momentum_after_load: true`` copies the loaded weights instead.
+    ``copy_momentum_after_load: true`` copies the loaded weights instead. Any other difference
+    from the model than those of a ``Pretrain_NLVR.py`` checkpoint is refused.
     """
     checkpoint = read_checkpoint(path, trust=trust)
     state_dict = dict(checkpoint["model"])
@@ -84,7 +86,10 @@ def load_nlvr_checkpoint(model: SIMLA, path: str, config: dict, trust: bool) -> 
     after = bool(config.get("copy_momentum_after_load", False))
     if not after:
         model.copy_params()
-    print(load_model_state(model, state_dict, path, strict=False))
+    # a Pretrain_NLVR.py checkpoint lacks the classifiers and momentum models; an NLVR.py one fits as it is
+    fit = CheckpointFit("NLVR.py", "a Pretrain_NLVR.py or NLVR.py checkpoint",
+                        missing=PRETRAIN_NLVR_CHECKPOINT_MISSING, unexpected=PRETRAIN_NLVR_CHECKPOINT_UNEXPECTED)
+    print(load_fitting_state(model, state_dict, path, fit))
     if after:
         model.copy_params()
     return checkpoint

@@ -22,8 +22,11 @@ import torch
 from dataset import SafeCollate, create_dataset
 from dataset.resumable import create_train_loader
 from engine.checkpoint import (
+    PRETRAINING_ONLY_KEYS,
+    CheckpointFit,
     checkpoint_path,
     interpolate_pos_embeds,
+    load_fitting_state,
     load_model_state,
     read_checkpoint,
 )
@@ -34,7 +37,7 @@ from engine.resume import ResumePoint, TrainingCheckpointer
 from engine.runtime import RunContext, setup_run, wrap_ddp
 from engine.tracking import Tracker
 from models.simla.nlvr import nlvr_layout
-from models.simla.pretrain_nlvr import SIMLA, pretrain_to_nlvr_state_dict
+from models.simla.pretrain_nlvr import PRETRAIN_CHECKPOINT_MISSING, SIMLA, pretrain_to_nlvr_state_dict
 from models.tokenization import build_tokenizer
 from optim import create_optimizer
 from scheduler import create_scheduler, epoch_start_step
@@ -56,13 +59,16 @@ def make_step(model: torch.nn.Module, tokenizer: Any, device: torch.device):
 
 
 def load_pretraining_checkpoint(model: SIMLA, path: str, config: dict, trust: bool) -> None:
-    """Load a SIMLA pretraining checkpoint with the layer duplication of the original script."""
+    """Load a SIMLA pretraining checkpoint with the layer duplication of the original script; only the
+    text-assignment head and token-type embeddings may be missing, only pretraining-only entries extra."""
     checkpoint = read_checkpoint(path, trust=trust)
     state_dict = dict(checkpoint["model"])
     interpolate_pos_embeds(state_dict, model, names=("visual_encoder",))
     num_layers, split = nlvr_layout(config)
     state_dict = pretrain_to_nlvr_state_dict(state_dict, num_layers, split)
-    print(load_model_state(model, state_dict, path, strict=False))
+    fit = CheckpointFit("Pretrain_NLVR.py", "a pretraining checkpoint", missing=PRETRAIN_CHECKPOINT_MISSING,
+                        unexpected=PRETRAINING_ONLY_KEYS)
+    print(load_fitting_state(model, state_dict, path, fit))
 
 
 def main(args: argparse.Namespace) -> None:

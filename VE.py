@@ -24,8 +24,10 @@ from dataset import create_dataset, create_loader, create_sampler
 from dataset.resumable import create_train_loader
 from engine.accuracy import evaluate_accuracy
 from engine.checkpoint import (
+    PRETRAINING_ONLY_KEYS,
+    CheckpointFit,
     interpolate_pos_embeds,
-    load_model_state,
+    load_fitting_state,
     read_checkpoint,
 )
 from engine.cli import base_parser
@@ -34,7 +36,7 @@ from engine.precision import grad_scaler
 from engine.resume import TrainingCheckpointer, resume_point
 from engine.runtime import RunContext, setup_run, wrap_ddp
 from engine.tracking import Tracker
-from models.simla.ve import SIMLA, strip_bert_prefix
+from models.simla.ve import PRETRAIN_CHECKPOINT_MISSING, SIMLA, strip_bert_prefix
 from models.tokenization import build_tokenizer
 from optim import create_optimizer
 from scheduler import create_scheduler, epoch_end_step
@@ -75,15 +77,19 @@ def make_predict(model: torch.nn.Module, tokenizer: Any, device: torch.device):
 
 def load_ve_checkpoint(model: SIMLA, path: str, config: dict, evaluate: bool, trust: bool) -> dict[str, Any]:
     """A pretraining checkpoint (``bert.`` removed from its keys) or, with ``evaluate`` (also used to
-    resume), a VE checkpoint loaded as it is. Returns the checkpoint."""
+    resume), a VE checkpoint loaded as it is; one that does not fit the model (beyond the new heads
+    and the pretraining-only entries) is refused. Returns the checkpoint."""
     checkpoint = read_checkpoint(path, trust=trust)
     state_dict = dict(checkpoint["model"])
     interpolate_pos_embeds(state_dict, model, names=("visual_encoder",))
+    fit = CheckpointFit("VE.py", "a VE.py checkpoint")
     if not evaluate:
         if config["distill"]:
             interpolate_pos_embeds(state_dict, model, names=("visual_encoder_m",))
         state_dict = strip_bert_prefix(state_dict)
-    print(load_model_state(model, state_dict, path, strict=False))
+        fit = CheckpointFit("VE.py", "a pretraining (or VE.py) checkpoint",
+                            missing=PRETRAIN_CHECKPOINT_MISSING, unexpected=PRETRAINING_ONLY_KEYS)
+    print(load_fitting_state(model, state_dict, path, fit))
     return checkpoint
 
 

@@ -27,9 +27,11 @@ from dataset.resumable import create_train_loader
 from dataset.vqa import CountedVQACollate, VQADataset
 from dataset.vqa_eval import merge_rank_results, vqa_accuracy
 from engine.checkpoint import (
+    PRETRAINING_ONLY_KEYS,
+    CheckpointFit,
     checkpoint_path,
     interpolate_pos_embeds,
-    load_model_state,
+    load_fitting_state,
     read_checkpoint,
 )
 from engine.cli import base_parser
@@ -38,7 +40,7 @@ from engine.precision import autocast, grad_scaler
 from engine.resume import ResumePoint, TrainingCheckpointer
 from engine.runtime import RunContext, setup_run, wrap_ddp
 from engine.tracking import Tracker
-from models.simla.vqa import SIMLA, map_pretrain_checkpoint
+from models.simla.vqa import PRETRAIN_CHECKPOINT_MISSING, SIMLA, map_pretrain_checkpoint
 from models.tokenization import build_tokenizer
 from optim import create_optimizer
 from scheduler import create_scheduler, epoch_start_step
@@ -122,7 +124,8 @@ def save_result(result: list[dict[str, Any]], result_dir: str, filename: str,
 def load_checkpoint_into(model: SIMLA, args: argparse.Namespace, checkpointer: TrainingCheckpointer,
                          num_batches: int) -> ResumePoint:
     """Load ``--checkpoint`` as the original: position embeddings resized; for training runs a
-    pretraining checkpoint is renamed onto the encoder and decoder. Returns where training starts."""
+    pretraining checkpoint is renamed onto the encoder and decoder. A checkpoint that does not fit
+    the model (other than by the pretraining-only entries) is refused. Returns where training starts."""
     checkpoint = read_checkpoint(args.checkpoint, trust=args.trust_checkpoint)
     state_dict = dict(checkpoint["model"])
     interpolate_pos_embeds(state_dict, model, names=("visual_encoder",))
@@ -131,9 +134,14 @@ def load_checkpoint_into(model: SIMLA, args: argparse.Namespace, checkpointer: T
         if model.distill:
             interpolate_pos_embeds(state_dict, model, names=("visual_encoder_m",))
         state_dict = map_pretrain_checkpoint(state_dict, model.decoder_depth)
-        if args.resume:
-            point = checkpointer.restore(checkpoint, args.checkpoint, num_batches)
-    message = load_model_state(model, state_dict, args.checkpoint, strict=False)
+    # a VQA checkpoint (--evaluate, --resume) must fit; a renamed pretraining one may add its own heads
+    fit = CheckpointFit("VQA.py", "a VQA.py checkpoint")
+    if not (args.evaluate or args.resume):
+        fit = CheckpointFit("VQA.py", "a pretraining (or VQA.py) checkpoint",
+                            missing=PRETRAIN_CHECKPOINT_MISSING, unexpected=PRETRAINING_ONLY_KEYS)
+    message = load_fitting_state(model, state_dict, args.checkpoint, fit)
+    if args.resume and not args.evaluate:
+        point = checkpointer.restore(checkpoint, args.checkpoint, num_batches)
     print(message)
     if message.missing_keys:
         shown = ", ".join(message.missing_keys[:10])

@@ -222,24 +222,24 @@ def test_tiny_pretrain_checkpoint_fills_the_decoder_from_the_last_layers(tokeniz
 
 
 def test_script_loading_renames_only_for_training(tokenizer, tmp_path, capsys):
-    """Training runs rename a pretraining checkpoint; --evaluate loads keys as they are (a VQA
-    checkpoint is expected) and warns about what stays uninitialised."""
+    """Training runs rename a pretraining checkpoint; --evaluate needs a VQA checkpoint and refuses a
+    pretraining one (the answer decoder would stay uninitialised), naming the missing keys."""
     import VQA
 
     path = tmp_path / "pretrain.pth"
     torch.save({"model": _tiny_pretrain_state(tokenizer)}, path)
-    for evaluate in (False, True):
-        model = SIMLA(tokenizer=tokenizer, config=_demo_config())
-        args = VQA.get_parser().parse_args(["--checkpoint", str(path)] + (["--evaluate"] if evaluate else []))
-        before = model.text_decoder.bert.encoder.layer[0].output.dense.weight.detach().clone()
-        assert VQA.load_checkpoint_into(model, args, None, 1).epoch == 0
-        after = model.text_decoder.bert.encoder.layer[0].output.dense.weight
-        printed = capsys.readouterr().out
-        if evaluate:
-            assert torch.equal(after, before) and "warning: " in printed and "text_decoder." in printed
-            assert "--evaluate expects a VQA checkpoint" in printed
-        else:
-            assert not torch.equal(after, before) and "missing_keys=[]" in printed and "warning" not in printed
+    model = SIMLA(tokenizer=tokenizer, config=_demo_config())
+    args = VQA.get_parser().parse_args(["--checkpoint", str(path)])
+    before = model.text_decoder.bert.encoder.layer[0].output.dense.weight.detach().clone()
+    assert VQA.load_checkpoint_into(model, args, None, 1).epoch == 0
+    after = model.text_decoder.bert.encoder.layer[0].output.dense.weight
+    printed = capsys.readouterr().out
+    assert not torch.equal(after, before) and "missing_keys=[]" in printed and "warning" not in printed
+
+    model = SIMLA(tokenizer=tokenizer, config=_demo_config())
+    args = VQA.get_parser().parse_args(["--checkpoint", str(path), "--evaluate"])
+    with pytest.raises(ValueError, match=r"VQA\.py: checkpoint .* does not fit .*\n  missing keys .*text_encoder\.embeddings"):
+        VQA.load_checkpoint_into(model, args, None, 1)
 
 
 def test_save_result_merges_and_checks_completeness(tmp_path, capsys):

@@ -30,6 +30,14 @@ NLVR_NUM_LAYERS = 18
 NLVR_SPLIT_LAYER = 6
 MOMENTUM = 0.995  # the original hard-codes the EMA rate of the fine-tuning models
 
+#: ``NLVR.py`` starting from a ``Pretrain_NLVR.py`` checkpoint (glob patterns over state_dict keys):
+#: model entries it may lack (the classifiers, and the momentum models, which ``copy_params`` fills
+#: from the online ones) and its entries the NLVR model has no place for (the text-assignment head,
+#: the contrastive projections and temperature).
+PRETRAIN_NLVR_CHECKPOINT_MISSING: tuple[str, ...] = ("cls_head.*", "cls_head_m.*", "visual_encoder_m.*",
+                                                     "text_encoder_m.*")
+PRETRAIN_NLVR_CHECKPOINT_UNEXPECTED: tuple[str, ...] = ("ta_head.*", "vision_proj.*", "text_proj.*", "temp")
+
 
 def nlvr_layout(config: Mapping[str, Any]) -> tuple[int, int]:
     """``(num_layers, split_layer)`` of the NLVR text encoder, checked for consistency.

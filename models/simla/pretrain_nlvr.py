@@ -30,6 +30,12 @@ from models.vit import vit_from_config
 
 PAIRING_TEMPERATURE = 0.07  # a constant in the original, not the ``temp`` parameter
 
+#: ``Pretrain_NLVR.py`` starting from a pretraining checkpoint: model entries the checkpoint may lack
+#: (glob patterns over state_dict keys): the text-assignment head and the token-type embeddings of the
+#: two-image encoder, both left as built.
+PRETRAIN_CHECKPOINT_MISSING: tuple[str, ...] = ("ta_head.*",
+                                                "text_encoder.embeddings.token_type_embeddings.*")
+
 
 def pair_images(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Draw the image pair and class of every caption from the (B, B) similarity weights.

@@ -319,10 +319,16 @@ def load_retrieval_checkpoint(model: nn.Module, state_dict: Mapping[str, torch.T
     Shape mismatches always fail with the list of offending keys; under a strict rule missing keys
     do too. Prints the original's load message (missing and unexpected keys).
     """
-    from engine.checkpoint import load_model_state
+    from engine.checkpoint import PRETRAINING_ONLY_KEYS, CheckpointFit, check_checkpoint_fit, load_model_state
 
     rules = checkpoint_rules(script)
     state, report = prepare_checkpoint_state(state_dict, model, script)
+    if not rules.strict:
+        # a pretraining checkpoint lacks the id queue and brings heads this model drops; anything
+        # else means the checkpoint belongs to another model
+        fit = CheckpointFit(script, "a pretraining or retrieval checkpoint", missing=("idx_queue",),
+                            unexpected=PRETRAINING_ONLY_KEYS)
+        check_checkpoint_fit(model, state, path, fit)
     load_model_state(model, state, path, strict=rules.strict)
     print(report)
     return report

@@ -24,6 +24,10 @@ from models.vit import vit_from_config
 
 VE_LABELS = {"entailment": 2, "neutral": 1, "contradiction": 0}
 
+#: ``VE.py`` training from a pretraining checkpoint: model entries the checkpoint may lack (glob
+#: patterns over state_dict keys), the classifier heads the task adds.
+PRETRAIN_CHECKPOINT_MISSING: tuple[str, ...] = ("cls_head.*", "cls_head_m.*")
+
 
 def _classifier(width: int, num_classes: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, num_classes))

@@ -36,6 +36,11 @@ PAD_ID = 0
 MOMENTUM = 0.995  # hard-coded in the original VQA model
 DEFAULT_DECODER_DEPTH = 6
 
+#: ``VQA.py`` training from a pretraining checkpoint: model entries the checkpoint may lack (glob
+#: patterns over state_dict keys). None: the answer decoder is filled from the encoder's last layers and
+#: its embeddings and masked-LM head; the pretraining-only heads, projections and queues are ignored.
+PRETRAIN_CHECKPOINT_MISSING: tuple[str, ...] = ()
+
 
 class SIMLA(MomentumMixin, nn.Module):
     def __init__(self, text_encoder: str | None = None, text_decoder: str | None = None, tokenizer: Any = None,
