@@ -27,7 +27,7 @@ from dataset.resumable import create_train_loader
 from engine.checkpoint import read_checkpoint
 from engine.cli import base_parser
 from engine.grounding_eval import check_evaluation_inputs, collect_result, grounding_eval, grounding_maps
-from engine.loop import EpochSettings, train_one_epoch
+from engine.loop import EpochSettings, train_epoch
 from engine.precision import grad_scaler
 from engine.resume import TrainingCheckpointer, resume_point
 from engine.runtime import RunContext, setup_run, wrap_ddp
@@ -128,12 +128,9 @@ def main(args: argparse.Namespace) -> None:
         train_stats: dict[str, Any] = {}
         if not args.evaluate:
             step = make_step(model, tokenizer, config, device, epoch)
-            train_stats = train_one_epoch(model, train_loader, optimizer, scheduler, epoch, device, step, settings,
-                                          scaler=scaler, sampler=train_sampler,
-                                          on_step=tracker.step_callback(epoch, len(train_loader), optimizer),
-                                          start_step=point.step if epoch == point.epoch else 0,
-                                          save_step=lambda next_step, e=epoch, b=best:
-                                          checkpointer.save_last(e, next_step, best=b))
+            train_stats = train_epoch(model, train_loader, optimizer, scheduler, epoch, device, step, settings,
+                                      scaler=scaler, checkpointer=checkpointer, point=point, tracker=tracker,
+                                      save_extra={"best": best})
         result = grounding_maps(model_without_ddp, test_loader, tokenizer, device, args.gradcam_mode,
                                 args.block_num, amp=args.amp)
         results = collect_result(result, result_dir, f"epoch{epoch}")

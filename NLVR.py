@@ -29,7 +29,7 @@ from engine.checkpoint import (
     read_checkpoint,
 )
 from engine.cli import base_parser
-from engine.loop import EpochSettings, train_one_epoch
+from engine.loop import EpochSettings, train_epoch
 from engine.precision import grad_scaler
 from engine.resume import TrainingCheckpointer, resume_point
 from engine.runtime import RunContext, setup_run, wrap_ddp
@@ -145,12 +145,9 @@ def main(args: argparse.Namespace) -> None:
     checkpointer.start(point)
     for epoch in range(point.epoch, max_epoch):
         step = make_step(model, tokenizer, config, device, epoch)
-        train_stats = train_one_epoch(model, train_loader, optimizer, scheduler, epoch, device, step, settings,
-                                      scaler=scaler, sampler=train_sampler,
-                                      on_step=tracker.step_callback(epoch, len(train_loader), optimizer),
-                                      start_step=point.step if epoch == point.epoch else 0,
-                                      save_step=lambda next_step, e=epoch, b=best, be=best_epoch: checkpointer.save_last(
-                                          e, next_step, best=b, best_epoch=be))
+        train_stats = train_epoch(model, train_loader, optimizer, scheduler, epoch, device, step, settings,
+                                  scaler=scaler, checkpointer=checkpointer, point=point, tracker=tracker,
+                                  save_extra={"best": best, "best_epoch": best_epoch})
         val_stats = evaluate_accuracy(model_without_ddp, val_loader, predict, device, args.amp)
         test_stats = evaluate_accuracy(model_without_ddp, test_loader, predict, device, args.amp)
         tracker.log({"val_acc": float(val_stats["acc"]), "test_acc": float(test_stats["acc"])},

@@ -20,7 +20,7 @@ from dataset.resumable import create_train_loader
 from engine.checkpoint import checkpoint_path, interpolate_pos_embeds, load_model_state, read_checkpoint
 from engine.cli import base_parser
 from engine.consistency import check_replicas_agree
-from engine.loop import EpochSettings, train_one_epoch
+from engine.loop import EpochSettings, train_epoch
 from engine.precision import grad_scaler
 from engine.resume import ResumePoint, TrainingCheckpointer
 from engine.runtime import RunContext, setup_run, wrap_ddp
@@ -113,15 +113,11 @@ def main(args: argparse.Namespace) -> None:
     start_time = time.time()
     checkpointer.start(point)
     for epoch in range(point.epoch, max_epoch):
-        start_step = point.step if epoch == point.epoch else 0
-        if start_step == 0:
+        if point.start_step(epoch) == 0:
             epoch_start_step(scheduler, epoch, warmup_epochs)
         step = make_step(model, tokenizer, dvae, config, device, epoch)
-        train_stats = train_one_epoch(model, loader, optimizer, scheduler, epoch, device, step, settings,
-                                      scaler=scaler, sampler=sampler,
-                                      on_step=tracker.step_callback(epoch, len(loader), optimizer),
-                                      start_step=start_step,
-                                      save_step=lambda next_step, e=epoch: checkpointer.save_last(e, next_step))
+        train_stats = train_epoch(model, loader, optimizer, scheduler, epoch, device, step, settings,
+                                  scaler=scaler, checkpointer=checkpointer, point=point, tracker=tracker)
         checkpointer.finish_epoch(epoch, checkpoint_path(args.output_dir, epoch),
                                   keep_last=args.save_every_steps > 0)
         if is_main_process():

@@ -23,7 +23,7 @@ from dataset import create_dataset, create_loader
 from dataset.resumable import create_train_loader
 from engine.checkpoint import read_checkpoint
 from engine.cli import base_parser
-from engine.loop import EpochSettings, train_one_epoch
+from engine.loop import EpochSettings, train_epoch
 from engine.precision import grad_scaler
 from engine.resume import TrainingCheckpointer, resume_point
 from engine.retrieval_eval import evaluation, itm_eval
@@ -110,12 +110,9 @@ def main(args: argparse.Namespace) -> None:
         train_stats: dict[str, Any] = {}
         if not args.evaluate:
             step = make_step(model, tokenizer, config, device, epoch)
-            train_stats = train_one_epoch(model, train_loader, optimizer, scheduler, epoch, device, step, settings,
-                                          scaler=scaler, sampler=train_sampler,
-                                          on_step=tracker.step_callback(epoch, len(train_loader), optimizer),
-                                          start_step=point.step if epoch == point.epoch else 0,
-                                          save_step=lambda next_step, e=epoch, b=best, be=best_epoch:
-                                          checkpointer.save_last(e, next_step, best_r_mean=b, best_epoch=be))
+            train_stats = train_epoch(model, train_loader, optimizer, scheduler, epoch, device, step, settings,
+                                      scaler=scaler, checkpointer=checkpointer, point=point, tracker=tracker,
+                                      save_extra={"best_r_mean": best, "best_epoch": best_epoch})
         scores = evaluation(model_without_ddp, test_loader, tokenizer, device, config, amp=args.amp)
         improved = False
         if is_main_process():

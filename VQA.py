@@ -35,7 +35,7 @@ from engine.checkpoint import (
     read_checkpoint,
 )
 from engine.cli import base_parser
-from engine.loop import EpochSettings, train_one_epoch
+from engine.loop import EpochSettings, train_epoch
 from engine.precision import autocast, grad_scaler
 from engine.resume import ResumePoint, TrainingCheckpointer
 from engine.runtime import RunContext, setup_run, wrap_ddp
@@ -203,17 +203,13 @@ def main(args: argparse.Namespace) -> None:
     checkpointer.start(point)
     for epoch in range(start_epoch, max_epoch):
         last_epoch = epoch
-        start_step = point.step if epoch == point.epoch else 0
-        if start_step == 0:
+        if point.start_step(epoch) == 0:
             epoch_start_step(scheduler, epoch, warmup_epochs)
         if args.evaluate:
             break
         step = make_step(model, tokenizer, config, device, epoch)
-        train_stats = train_one_epoch(model, train_loader, optimizer, scheduler, epoch, device, step, settings,
-                                      scaler=scaler, sampler=train_sampler,
-                                      on_step=tracker.step_callback(epoch, len(train_loader), optimizer),
-                                      start_step=start_step,
-                                      save_step=lambda next_step, e=epoch: checkpointer.save_last(e, next_step))
+        train_stats = train_epoch(model, train_loader, optimizer, scheduler, epoch, device, step, settings,
+                                  scaler=scaler, checkpointer=checkpointer, point=point, tracker=tracker)
         checkpointer.finish_epoch(epoch, checkpoint_path(args.output_dir, epoch),
                                   keep_last=args.save_every_steps > 0)
         if is_main_process():

@@ -159,3 +159,18 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable, optimizer: torch.o
         print(f"{skipped_steps} steps with non-finite losses were skipped this epoch")
         stats["skipped_steps"] = skipped_steps
     return stats
+
+
+def train_epoch(model: torch.nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, scheduler: Any,
+                epoch: int, device: torch.device, step_fn: Callable[[Any, int, int], Mapping[str, torch.Tensor]],
+                settings: EpochSettings, *, scaler: torch.amp.GradScaler | None, checkpointer: Any, point: Any,
+                tracker: Any, save_extra: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """:func:`train_one_epoch` as the training scripts run it: the data position of a resumed run
+    (``point``), the rolling checkpoint of ``checkpointer`` (with ``save_extra`` entries such as the
+    best score so far) and per-step metrics to ``tracker``."""
+    extra = dict(save_extra or {})
+    return train_one_epoch(model, loader, optimizer, scheduler, epoch, device, step_fn, settings, scaler=scaler,
+                           sampler=checkpointer.sampler,
+                           on_step=tracker.step_callback(epoch, len(loader), optimizer),  # type: ignore[arg-type]
+                           start_step=point.start_step(epoch),
+                           save_step=lambda next_step: checkpointer.save_last(epoch, next_step, **extra))

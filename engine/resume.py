@@ -97,6 +97,10 @@ class ResumePoint:
     step: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def start_step(self, epoch: int) -> int:
+        """The first batch to train in ``epoch`` (non-zero only for the resumed epoch)."""
+        return self.step if epoch == self.epoch else 0
+
 
 class TrainingCheckpointer:
     """Save and restore everything a training run needs to continue exactly.
