@@ -22,9 +22,11 @@ import json
 import math
 import os
 import pickle
+import pickletools
 import random
 import re
 import secrets
+import struct
 import time
 import typing
 import warnings
@@ -741,6 +743,68 @@ def _is_zip_file(path: str) -> bool:
         return handle.read(4) == b"PK\x03\x04"
 
 
+_GLOBAL_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+_ALLOWED_PICKLE_GLOBALS = {"collections.OrderedDict", "torch._utils._rebuild_tensor_v2", "torch._utils._rebuild_parameter",
+                           "torch.FloatStorage", "torch.LongStorage", "torch.DoubleStorage", "torch.HalfStorage",
+                           "torch.IntStorage", "torch.BFloat16Storage", "torch.ByteStorage", "torch.BoolStorage",
+                           "torch.storage.UntypedStorage", "torch._tensor._rebuild_from_type_v2"}
+
+
+def _scan_pickles(path: str, count: int = 5) -> tuple[list[str], bool]:
+    """The globals the pickles of a checkpoint refer to, read with ``pickletools`` (nothing is
+    executed), and whether those pickles are complete (each reaches its STOP opcode).
+
+    The legacy format starts with five pickles in a row (magic number, protocol, system info, the
+    object, the storage keys); the zip format holds them as ``*.pkl`` members. Used to name what a
+    refused file needs when the weights-only unpickler stops before reaching a global, and to tell a
+    cut file from one that asks for a global.
+    """
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+        if data[:4] == b"PK\x03\x04":
+            with zipfile.ZipFile(path) as archive:
+                streams = [archive.read(n) for n in archive.namelist() if n.endswith(".pkl")]
+        else:
+            streams = [data]
+    except (OSError, zipfile.BadZipFile, EOFError):
+        return [], False
+    found: list[str] = []
+    complete = True
+    for stream in streams:
+        position = 0
+        for index in range(count if len(streams) == 1 else 1):
+            if index and position >= len(stream):
+                break  # a plain pickle file: one pickle and nothing after it
+            strings: list[str] = []
+            memo: dict[int, Any] = {}
+            stopped = False
+            try:
+                for opcode, arg, offset in pickletools.genops(stream[position:]):
+                    name = opcode.name
+                    if name in ("GLOBAL", "INST") and isinstance(arg, str):
+                        found.append(arg.replace(" ", "."))
+                    elif name == "STACK_GLOBAL" and len(strings) >= 2:
+                        found.append(f"{strings[-2]}.{strings[-1]}")
+                    elif isinstance(arg, str):
+                        strings.append(arg)
+                    elif name == "MEMOIZE" and strings:
+                        memo[len(memo)] = strings[-1]
+                    elif name in ("BINGET", "LONG_BINGET", "GET") and isinstance(memo.get(arg), str):
+                        strings.append(memo[arg])
+                    if name == "STOP":
+                        position += offset + 1
+                        stopped = True
+                        break
+            except Exception:  # damaged or foreign bytes
+                stopped = False
+            if not stopped:
+                complete = False
+                break
+    unsafe = sorted({g for g in found if g not in _ALLOWED_PICKLE_GLOBALS and _GLOBAL_NAME.fullmatch(g)})
+    return unsafe, complete
+
+
 def _unsafe_globals(path: str, message: str) -> list[str]:
     found: list[str] = []
     try:
@@ -750,6 +814,8 @@ def _unsafe_globals(path: str, message: str) -> list[str]:
         found = []
     if not found:
         found = sorted(set(re.findall(r"GLOBAL ([\w.]+)", message)))
+    if not found and "Unsupported operand" in message:
+        found = _scan_pickles(path)[0]
     return found
 
 
@@ -788,14 +854,21 @@ def load_checkpoint(path: str | os.PathLike[str], trust: bool = False) -> Any:
                 obj = torch.load(file, map_location="cpu", weights_only=True, mmap=use_mmap)
     except pickle.UnpicklingError as exc:
         message = str(exc)
-        unsafe = [] if trust else _unsafe_globals(file, message)
-        if not trust and (unsafe or "GLOBAL" in message or "allowlist" in message):
+        found = [] if trust else _unsafe_globals(file, message)
+        unsafe = [name for name in found if _GLOBAL_NAME.fullmatch(name)]
+        if (found and not unsafe) or (not trust and not _scan_pickles(file)[1]):
+            # a "global" whose name is not a dotted identifier, or a pickle that ends before its STOP
+            # opcode, is a cut or damaged file rather than one that asks for code
+            raise RuntimeError(f"failed to read checkpoint {file}: the file is truncated or corrupt "
+                               f"({_unpickler_reason(message) or message[:200]})") from None
+        if not trust and (unsafe or "GLOBAL" in message or "allowlist" in message or "Unsupported" in message):
             reason = "" if unsafe else _unpickler_reason(message)
             raise UnsafeCheckpointError(file, unsafe, reason) from None
         raise RuntimeError(f"failed to read checkpoint {file}: {message}") from exc
     except PermissionError:
         raise
     except (RuntimeError, EOFError, ValueError, KeyError, IndexError, TypeError, AttributeError,
-            ImportError, OSError) as exc:
-        raise RuntimeError(f"failed to read checkpoint {file}: {exc}") from exc
+            ImportError, OSError, struct.error, OverflowError, MemoryError) as exc:
+        raise RuntimeError(f"failed to read checkpoint {file}: the file is truncated or corrupt "
+                           f"({type(exc).__name__}: {exc})") from exc
     return _replace_stubs(obj)

@@ -57,6 +57,9 @@ def _yaml_dumper() -> YAML:
     # None = block style for mappings that contain collections, flow style for the innermost ones
     # (``optimizer: {lr: 2e-05, opt: adamW}``), like the original's ``yaml.dump``.
     yaml.default_flow_style = None
+    # non-ASCII characters escaped, as the original's yaml.dump does; this also keeps characters
+    # such as U+0085 that YAML would read back as line breaks
+    yaml.allow_unicode = False
     return yaml
 
 
@@ -194,7 +197,10 @@ def apply_overrides(
             continue
 
         assert raw is not None
-        value = parse_value(raw)
+        try:
+            value = parse_value(raw)
+        except ConfigError as exc:
+            raise ConfigError(f"cannot apply override {override!r} to {source}: {exc}") from None
         if prefix == "+":
             if current is not _MISSING:
                 raise ConfigError(

@@ -8,6 +8,8 @@ tests kill ``Pretrain.py`` and ``Retrieval.py`` right after a mid-epoch save and
 
 from __future__ import annotations
 
+import io
+import pickle
 import random
 import re
 import subprocess
@@ -329,6 +331,20 @@ def test_truncated_checkpoint_names_the_file(tmp_path):
         load_checkpoint(path)
     with pytest.raises(CheckpointWriteError, match=re.escape(str(path))):
         verify_checkpoint_file(str(path))
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_checkpoint_cut_anywhere_is_reported_as_damaged_not_unsafe(tmp_path, legacy):
+    buffer = io.BytesIO()
+    torch.save({"model": {"w": torch.zeros(3)}, "epoch": 1, "config": {"a": [1, 2]}}, buffer,
+               _use_new_zipfile_serialization=not legacy)
+    data = buffer.getvalue()
+    path = tmp_path / "checkpoint.pth"
+    for cut in range(0, len(data), 1 if legacy else 7):
+        path.write_bytes(data[:cut])
+        with pytest.raises(RuntimeError, match=re.escape(str(path))) as info:
+            load_checkpoint(path)
+        assert not isinstance(info.value, pickle.UnpicklingError), (cut, info.value)
 
 
 # --- scripts: killed right after a mid-epoch save, then resumed --------------------------------------------
