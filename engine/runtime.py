@@ -58,9 +58,13 @@ def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
 
 
 def setup_run(args: argparse.Namespace, task: str, extra_config: dict[str, Any] | None = None) -> RunContext:
-    """Load and validate the config, write ``output_dir/config.yaml``, initialise distributed mode,
-    pick the device and seed every generator with ``seed + rank``."""
+    """Load and validate the config, check that ``--checkpoint`` exists, write
+    ``output_dir/config.yaml``, initialise distributed mode, pick the device and seed every generator
+    with ``seed + rank`` (all before any data is read)."""
     config = load_config(args.config, args.overrides, task=task)
+    checkpoint = getattr(args, "checkpoint", "")
+    if checkpoint and not os.path.isfile(checkpoint):
+        raise FileNotFoundError(2, "--checkpoint file not found", checkpoint)
     if extra_config:
         config.update(extra_config)
     init_distributed_mode(args)

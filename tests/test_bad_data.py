@@ -365,7 +365,7 @@ def test_train_one_epoch_skips_an_all_unreadable_batch(image_dir, tmp_path, caps
         stats = train_one_epoch(model, loader, optimizer, None, 1, torch.device("cpu"), step, settings)
     assert seen == [1]
     assert stats["skipped_samples"] == 2
-    assert "every sample of batch 0 of epoch 1 was unreadable; batch skipped" in capsys.readouterr().out
+    assert "every sample of batch 0 of epoch 1 on this process was unreadable; step skipped" in capsys.readouterr().out
 
 
 # --- annotation content -----------------------------------------------------------------------------------
