@@ -7,7 +7,7 @@ Presets: ``tiny`` (the parity-fixture shape), ``small`` (ViT 256 wide x 6 at 128
 256 wide with the 30522-token vocabulary) and ``base`` (the shipped Pretrain.yaml model, batch 2,
 queue 1024). Prints median seconds per step, samples per second, peak memory (process RSS on CPU,
 max allocated on GPU; also the part above the RSS right after imports) and, on GPU, model FLOPs
-utilisation.
+utilisation, as JSON and as one summary line.
 """
 
 from __future__ import annotations
@@ -163,6 +163,9 @@ def main(argv: list[str] | None = None) -> dict:
     result["rss_after_imports_mb"] = round(after_imports, 1)
     result["peak_rss_above_imports_mb"] = round(peak_rss_mb() - after_imports, 1)
     print(json.dumps(result, indent=2))
+    print(f"{args.preset}, batch {batch_size}, {device}, amp {args.amp}: median {result['median_s_per_step']} s/step "
+          f"({result['samples_per_s']} samples/s) over {steps} steps; peak RSS {result['peak_rss_mb']} MB, "
+          f"{result['peak_rss_above_imports_mb']} MB above the RSS after imports ({result['rss_after_imports_mb']} MB)")
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(result, handle, indent=2)

@@ -1,16 +1,21 @@
-"""Time the retrieval re-ranking: the de-duplicated, batched evaluation against the original procedure
-(one fusion pass per query, every candidate list scored separately) on the same model and features.
+"""Time the retrieval evaluation, and its ITM re-ranking against the original procedure (one fusion pass
+per query, every candidate list scored separately) on the same model and features.
 
-python benchmarks/retrieval_eval.py [--preset demo|small|base] [--images 64] [--captions_per_image 5]
-    [--k_test 16] [--batch_size 256] [--device cpu] [--amp none|bf16|fp16] [--checkpoint PATH]
-    [--threads N] [--json out.json]
+python benchmarks/retrieval_eval.py [--preset demo|small|base] [--images 16] [--captions_per_image 5]
+    [--k_test 8] [--image_batch 8] [--batch_size 256] [--repeats 5] [--device cpu]
+    [--amp none|bf16|fp16] [--checkpoint PATH] [--threads N] [--json out.json]
 
 Presets: ``demo`` (the demo model: ViT 4 x 64 at 64 px, 4-layer BERT of width 64, 559-token
 vocabulary), ``small`` (ViT 6 x 256 at 128 px, 6-layer BERT of width 256, 30522 tokens) and ``base``
 (ViT-B/16 at 384 px and BERT-base, the shipped retrieval model). Images are random; captions are random
-token sequences of 5 to 29 pieces. Features are encoded once and shared; only the ITM re-ranking is
-timed. Prints both times, the ITM pairs each scored, the fusion passes, and the largest difference
-between the two methods' score matrices.
+token sequences of 5 to 29 pieces. The defaults are the shape of the reference figures in
+``shared/bench/README.md`` (16 images, 80 captions, k_test 8, image batches of 8).
+
+Printed figures: the median time of the whole evaluation (image features in batches of
+``--image_batch``, text features, ITC candidates, ITM re-ranking, recall metrics) over ``--repeats``
+runs; the times of the re-ranking alone by this implementation and by the original procedure (same
+features), their ITM pairs and fusion passes and the largest difference between their score matrices;
+the peak RSS, and the part of it above the RSS right after the imports.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
+import statistics
 import sys
 import time
 
@@ -28,7 +35,14 @@ if REPO_ROOT not in sys.path:
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from engine.retrieval_eval import RetrievalFeatures, itm_eval, per_query_scores, rerank  # noqa: E402
+from engine.retrieval_eval import (  # noqa: E402
+    RetrievalFeatures,
+    encode_images,
+    encode_texts,
+    itm_eval,
+    per_query_scores,
+    rerank,
+)
 from models.simla.retrieval import SIMLA, load_retrieval_checkpoint  # noqa: E402
 
 SMALL_BERT = {
@@ -50,29 +64,44 @@ PRESETS = {
 }
 
 
-def synthetic_features(model: SIMLA, config: dict, num_images: int, num_texts: int, device: torch.device,
-                       seed: int = 0) -> RetrievalFeatures:
-    """Random images and captions (``[CLS]`` + 5..29 random pieces, padded to 30) encoded by ``model``."""
-    from engine.retrieval_eval import encode_images, encode_texts
-
+def synthetic_inputs(model: SIMLA, config: dict, num_images: int, num_texts: int, seed: int = 0
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random images ``(I, 3, res, res)`` and captions (``[CLS]`` + 5..29 random pieces, padded to 30)."""
     generator = torch.Generator().manual_seed(seed)
     vocab = model.text_encoder.config.vocab_size
     lengths = torch.randint(6, 31, (num_texts,), generator=generator)
     ids = torch.randint(min(1000, vocab // 2), vocab, (num_texts, 30), generator=generator)
     ids[:, 0] = 101
     mask = (torch.arange(30) < lengths[:, None]).long()
-    ids, mask = (ids * mask).to(device), mask.to(device)
     res = int(config["image_res"])
-    batches = (torch.randn(min(32, num_images - s), 3, res, res, generator=generator)
-               for s in range(0, num_images, 32))
-    image_feats, image_embeds = encode_images(model, batches, device)
-    return RetrievalFeatures(ids, mask, encode_texts(model, ids, mask), image_embeds, image_feats)
+    images = torch.randn(num_images, 3, res, res, generator=generator)
+    return images, ids * mask, mask
+
+
+@torch.no_grad()
+def features_of(model: SIMLA, images: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, image_batch: int,
+                device: torch.device, amp: str = "none") -> RetrievalFeatures:
+    """The evaluation's features: images encoded in batches of ``image_batch``, texts in chunks."""
+    ids, mask = ids.to(device), mask.to(device)
+    image_feats, image_embeds = encode_images(model, images.split(image_batch), device, amp)
+    return RetrievalFeatures(ids, mask, encode_texts(model, ids, mask, amp), image_embeds, image_feats)
 
 
 def count_itm(model: SIMLA) -> tuple[list[int], torch.utils.hooks.RemovableHandle]:
     """Rows seen by the ITM head, one entry per fusion pass."""
     rows: list[int] = []
     return rows, model.itm_head.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
+
+
+def rss_mb() -> float:
+    """Current resident set size in MB (Linux /proc)."""
+    with open("/proc/self/statm") as handle:
+        pages = int(handle.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def timed(fn, device: torch.device):
@@ -88,10 +117,12 @@ def timed(fn, device: torch.device):
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="small", choices=sorted(PRESETS))
-    parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--images", type=int, default=16)
     parser.add_argument("--captions_per_image", type=int, default=5)
-    parser.add_argument("--k_test", type=int, default=16)
+    parser.add_argument("--k_test", type=int, default=8)
+    parser.add_argument("--image_batch", type=int, default=8, help="images per ViT pass (batch_size_test)")
     parser.add_argument("--batch_size", type=int, default=256, help="pairs per fusion pass (itm_eval_batch_size)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed whole evaluations (median reported)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--amp", default="none", choices=("none", "bf16", "fp16"))
     parser.add_argument("--checkpoint", default="", help="retrieval or pretraining checkpoint (else random weights)")
@@ -101,6 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    after_imports = rss_mb()
     device = torch.device(args.device)
     config = dict(PRESETS[args.preset])
     torch.manual_seed(0)
@@ -111,14 +143,24 @@ def main(argv: list[str] | None = None) -> dict:
         load_retrieval_checkpoint(model, load_checkpoint(args.checkpoint)["model"], args.checkpoint, "Retrieval.py")
     model = model.to(device).eval()
     num_texts = args.images * args.captions_per_image
-    with torch.no_grad():
-        features, feature_time = timed(lambda: synthetic_features(model, config, args.images, num_texts, device),
-                                       device)
+    images, ids, mask = synthetic_inputs(model, config, args.images, num_texts)
+    txt2img = [t // args.captions_per_image for t in range(num_texts)]
+    img2txt = [list(range(i * args.captions_per_image, (i + 1) * args.captions_per_image))
+               for i in range(args.images)]
 
+    def evaluate() -> dict[str, float]:
+        features = features_of(model, images, ids, mask, args.image_batch, device, args.amp)
+        scores = rerank(model, features, args.k_test, args.batch_size, args.amp)
+        return itm_eval(scores.score_i2t, scores.score_t2i, txt2img, img2txt)
+
+    evaluate()  # warm-up
+    eval_times = [timed(evaluate, device)[1] for _ in range(max(1, args.repeats))]
+    evaluation_time = statistics.median(eval_times)
+
+    with torch.no_grad():
+        features, feature_time = timed(
+            lambda: features_of(model, images, ids, mask, args.image_batch, device, args.amp), device)
     rows, hook = count_itm(model)
-    # one untimed warm-up pass of each method on a few queries is not needed for the per-query loop
-    # (hundreds of passes); the batched method is run twice and timed on the second run
-    rerank(model, features, args.k_test, args.batch_size, args.amp)
     rows.clear()
     fast, fast_time = timed(lambda: rerank(model, features, args.k_test, args.batch_size, args.amp), device)
     fast_rows = list(rows)
@@ -129,15 +171,15 @@ def main(argv: list[str] | None = None) -> dict:
     slow_rows = list(rows)
     hook.remove()
 
-    txt2img = [t // args.captions_per_image for t in range(num_texts)]
-    img2txt = [list(range(i * args.captions_per_image, (i + 1) * args.captions_per_image))
-               for i in range(args.images)]
     same_metrics = (itm_eval(fast.score_i2t, fast.score_t2i, txt2img, img2txt)
                     == itm_eval(slow[0], slow[1], txt2img, img2txt))
     diff = max(float(np.abs(fast.score_i2t - slow[0]).max()), float(np.abs(fast.score_t2i - slow[1]).max()))
     figures = {
         "preset": args.preset, "device": str(device), "amp": args.amp, "threads": torch.get_num_threads(),
-        "images": args.images, "texts": num_texts, "k_test": args.k_test, "batch_size": args.batch_size,
+        "images": args.images, "texts": num_texts, "k_test": args.k_test, "image_batch": args.image_batch,
+        "batch_size": args.batch_size,
+        "evaluation_seconds_median": round(evaluation_time, 3),
+        "evaluation_seconds": [round(t, 3) for t in eval_times],
         "feature_seconds": round(feature_time, 3),
         "per_query_seconds": round(slow_time, 3), "per_query_itm_pairs": sum(slow_rows),
         "per_query_fusion_passes": len(slow_rows),
@@ -145,14 +187,21 @@ def main(argv: list[str] | None = None) -> dict:
         "deduplicated_fusion_passes": len(fast_rows),
         "speedup": round(slow_time / fast_time, 2) if fast_time else float("inf"),
         "max_abs_score_difference": diff, "same_metrics": same_metrics,
+        "peak_rss_mb": round(peak_rss_mb(), 1), "rss_after_imports_mb": round(after_imports, 1),
+        "peak_rss_above_imports_mb": round(peak_rss_mb() - after_imports, 1),
     }
     print(f"preset {args.preset} on {device} ({torch.get_num_threads()} threads, amp {args.amp}): "
-          f"{args.images} images, {num_texts} captions, k_test {args.k_test}; features {feature_time:.2f} s")
+          f"{args.images} images, {num_texts} captions, k_test {args.k_test}, image batches of {args.image_batch}")
+    print(f"  whole evaluation (features, ITC, ITM re-ranking, metrics): median {evaluation_time:.3f} s "
+          f"of {len(eval_times)} runs")
+    print(f"  features {feature_time:.2f} s; re-ranking alone:")
     print(f"  one query per fusion pass : {slow_time:8.2f} s  {sum(slow_rows):7d} ITM pairs  "
           f"{len(slow_rows):5d} passes")
     print(f"  de-duplicated, batched    : {fast_time:8.2f} s  {sum(fast_rows):7d} ITM pairs  "
           f"{len(fast_rows):5d} passes  ({figures['speedup']}x faster)")
     print(f"  max |score difference| {diff:.2e}; identical metrics: {same_metrics}")
+    print(f"  peak RSS {figures['peak_rss_mb']} MB, {figures['peak_rss_above_imports_mb']} MB above the RSS "
+          f"after imports ({figures['rss_after_imports_mb']} MB)")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:
             json.dump(figures, handle, indent=2)

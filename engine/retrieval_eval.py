@@ -14,7 +14,11 @@ How it is computed differs, with the same matrices as result:
 * the candidate pairs of both directions are united, so a pair that is among an image's top texts
   *and* among that text's top images is scored once (the original scores it twice);
 * several pairs share one fusion pass (``itm_eval_batch_size`` pairs, default 256, grouped by caption
-  length so the text padding can be cut to the longest caption of the batch);
+  length so the text padding can be cut to the longest caption of the batch; on CPU a pass also holds
+  at most :data:`CPU_PASS_TOKENS` padded tokens);
+* each image's cross-attention keys and values are projected once for all of its pairs, not once per
+  pair (the images are taken in chunks that bound the memory of those projections), and the last
+  fusion layer computes the [CLS] row alone (the only one the ITM head reads);
 * each rank scores the pairs of the images it encoded, and the ``(pair, score)`` lists are gathered.
 
 The original procedure (one fusion pass per query) is kept as :func:`per_query_scores` for checks
@@ -36,12 +40,18 @@ from torch.utils.data import DataLoader, Subset
 from engine.precision import autocast
 from utils import MetricLogger, SmoothedValue, concat_all_gather, format_time, get_rank, get_world_size
 
-#: Texts per tokenizer call and per text-encoder pass (the original's chunk of 256).
+#: Texts per tokenizer call (the original's chunk of 256) and at most per text-encoder pass.
 TEXT_CHUNK = 256
 #: Token length of evaluation texts (padded / truncated).
 EVAL_TEXT_LENGTH = 30
 #: Default number of (image, text) pairs per fusion pass.
 DEFAULT_PAIR_BATCH = 256
+#: On CPU a fusion pass also holds at most about this many padded text tokens (pairs x longest caption):
+#: larger passes outgrow the caches and run slower per pair (256 pairs of ~20 tokens take about 1.5x
+#: the time of the same pairs in passes of 32), and shorter passes pad less.
+CPU_PASS_TOKENS = 1024
+#: Memory for the fusion keys/values of the images whose pairs are being scored (a chunk of images).
+KV_BUDGET_BYTES = 256 * 2**20
 #: Value of the score-matrix entries that were not re-ranked.
 NOT_SCORED = -100.0
 
@@ -111,19 +121,43 @@ def _trimmed(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch
     return ids[:, :length], mask[:, :length]
 
 
+def length_chunks(lengths: torch.Tensor, max_size: int, min_size: int = 16, slack: float = 1.25
+                  ) -> list[torch.Tensor]:
+    """Row indices in chunks of at most ``max_size`` rows of similar ``lengths`` (sorted): a chunk grows
+    while its padded size stays within ``slack`` times its real tokens, or while it has fewer than
+    ``min_size`` rows (tiny passes cost more than the padding they save)."""
+    order = torch.argsort(lengths, stable=True)
+    values = lengths[order].tolist()
+    chunks, start, real = [], 0, 0
+    for i, length in enumerate(values):
+        size = i - start + 1
+        if i > start and (size > max_size or (size > min_size and size * length > slack * (real + length))):
+            chunks.append(order[start:i])
+            start, real = i, 0
+        real += length
+    if values:
+        chunks.append(order[start:])
+    return chunks
+
+
 @torch.no_grad()
 def encode_texts(model: Any, ids: torch.Tensor, mask: torch.Tensor, amp: str = "none") -> torch.Tensor:
-    """Normalised ITC text embeddings ``(n, E)`` (float32) of the given token rows."""
+    """Normalised ITC text embeddings ``(n, E)`` (float32) of the given token rows.
+
+    Texts of similar length share a pass (at most :data:`TEXT_CHUNK`), cut to its longest text; only
+    the [CLS] row of the last layer is computed. Neither changes an embedding: padding keys get no
+    attention, and each output row depends on its own query row alone.
+    """
     device = ids.device
-    embeds = []
-    for start in range(0, ids.shape[0], TEXT_CHUNK):
-        chunk_ids, chunk_mask = _trimmed(ids[start:start + TEXT_CHUNK], mask[start:start + TEXT_CHUNK])
-        with autocast(device, amp):
-            _, text_feat = model.text_features(chunk_ids, chunk_mask)
-        embeds.append(text_feat.float())
-    if not embeds:
+    if ids.shape[0] == 0:
         return torch.zeros(0, model.text_proj.out_features, device=device)
-    return torch.cat(embeds)
+    embeds = torch.empty(ids.shape[0], model.text_proj.out_features, device=device)
+    for rows in length_chunks(mask.sum(dim=1), TEXT_CHUNK):
+        chunk_ids, chunk_mask = _trimmed(ids[rows], mask[rows])
+        with autocast(device, amp):
+            _, text_feat = model.text_features(chunk_ids, chunk_mask, cls_only=True)
+        embeds[rows] = text_feat.float()
+    return embeds
 
 
 @torch.no_grad()
@@ -244,12 +278,42 @@ def unique_pairs(topk_i2t: torch.Tensor, topk_t2i: torch.Tensor) -> torch.Tensor
     return torch.unique(torch.cat([i2t.flatten(), t2i.flatten()]))
 
 
+def _passes(order: torch.Tensor, sorted_lengths: torch.Tensor, batch_size: int, max_tokens: int | None
+            ) -> list[torch.Tensor]:
+    """Cut ``order`` (pairs sorted by caption length) into passes of at most ``batch_size`` pairs and,
+    if ``max_tokens`` is set, at most that many padded text tokens (pairs x longest caption)."""
+    if max_tokens is None:
+        return list(order.split(batch_size))
+    passes, start = [], 0
+    values = sorted_lengths.tolist()
+    for i, length in enumerate(values):
+        size = i - start + 1
+        if i > start and (size > batch_size or size * length > max_tokens):
+            passes.append(order[start:i])
+            start = i
+    if values:
+        passes.append(order[start:])
+    return passes
+
+
+def _image_chunks(images: torch.Tensor, per_image_bytes: int, budget: int) -> list[torch.Tensor]:
+    """The distinct ``images`` (sorted) in chunks whose fusion keys/values fit in ``budget`` bytes."""
+    distinct = torch.unique(images)
+    size = max(1, budget // max(per_image_bytes, 1))
+    return list(distinct.split(size))
+
+
 @torch.no_grad()
 def score_pairs(model: Any, pairs: torch.Tensor, num_texts: int, features: RetrievalFeatures,
                 batch_size: int = DEFAULT_PAIR_BATCH, amp: str = "none", header: str = "Evaluation:",
-                print_freq: int = 50) -> torch.Tensor:
+                print_freq: int = 50, kv_budget: int = KV_BUDGET_BYTES) -> torch.Tensor:
     """ITM match logits (float32) of ``pairs`` (ids ``image * T + text``, images held by this rank),
-    ``batch_size`` pairs per fusion pass; prints a progress line every ``print_freq`` passes."""
+    ``batch_size`` pairs per fusion pass; prints a progress line every ``print_freq`` passes.
+
+    With a model that has ``image_key_values`` (the retrieval model), each image's fusion keys and
+    values are projected once for all of its pairs: the images are taken in chunks whose projections
+    fit in ``kv_budget`` bytes, and the pairs of a chunk are batched by caption length.
+    """
     if batch_size < 1:
         raise ValueError(f"itm_eval_batch_size must be at least 1, got {batch_size}")
     device = features.text_ids.device
@@ -258,18 +322,39 @@ def score_pairs(model: Any, pairs: torch.Tensor, num_texts: int, features: Retri
     if pairs.numel() and (int(images.min()) < 0 or int(images.max()) >= features.image_feats.shape[0]):
         raise ValueError("score_pairs got pairs of images this process did not encode")
     lengths = features.text_mask.sum(dim=1)[texts]
-    # captions of similar length share a pass, so little padding is computed
-    order = torch.argsort(lengths, stable=True)
+    pass_tokens = CPU_PASS_TOKENS if device.type == "cpu" else None
     scores = torch.empty(pairs.shape[0], dtype=torch.float32, device=device)
-    batches = list(order.split(batch_size))
+    project = getattr(model, "image_key_values", None)
+    if project is None or not pairs.numel():
+        chunks: list[torch.Tensor | None] = [None]
+    else:
+        with autocast(device, amp):
+            one = project(features.image_feats[images[:1]])
+        per_image = sum(t.numel() * t.element_size() for kv in one.layers.values() for t in kv)
+        chunks = list(_image_chunks(images, per_image, kv_budget))
+    # (chunk, pairs of one fusion pass): captions of similar length share a pass, so little padding is computed
+    plan: list[tuple[int, torch.Tensor]] = []
+    for c, chunk in enumerate(chunks):
+        members = torch.arange(pairs.shape[0], device=device) if chunk is None else \
+            torch.nonzero(torch.isin(images, chunk)).flatten()
+        order = members[torch.argsort(lengths[members], stable=True)]
+        plan.extend((c, selection) for selection in _passes(order, lengths[order], batch_size, pass_tokens))
     total = pairs.shape[0]
     logger = MetricLogger(delimiter="  ")
     logger.add_meter("pairs", SmoothedValue(window_size=1, fmt=f"{{value:.0f}}/{total}"))
     done = 0
-    for selection in logger.log_every(batches, print_freq, header):
+    current, chunk_kv = -1, None
+    for c, selection in logger.log_every(plan, print_freq, header):
         ids, mask = _trimmed(features.text_ids[texts[selection]], features.text_mask[texts[selection]])
         with autocast(device, amp):
-            logits = model.itm_logits(ids, mask, features.image_feats[images[selection]])
+            chunk = chunks[c]
+            if chunk is None:
+                logits = model.itm_logits(ids, mask, features.image_feats[images[selection]])
+            else:
+                if c != current:
+                    current, chunk_kv = c, project(features.image_feats[chunk])
+                rows = torch.searchsorted(chunk, images[selection])
+                logits = model.itm_logits(ids, mask, image_kv=chunk_kv.select(rows), cls_only=True)
         scores[selection] = logits[:, 1].float()
         done += selection.shape[0]
         logger.update(pairs=done)
@@ -317,15 +402,16 @@ class RetrievalScores:
 
 @torch.no_grad()
 def rerank(model: Any, features: RetrievalFeatures, k_test: int, batch_size: int = DEFAULT_PAIR_BATCH,
-           amp: str = "none", keep_sims: bool = False) -> RetrievalScores:
-    """Candidates by ITC, every candidate pair scored once by ITM (split over the ranks), matrices."""
+           amp: str = "none", keep_sims: bool = False, kv_budget: int = KV_BUDGET_BYTES) -> RetrievalScores:
+    """Candidates by ITC, every candidate pair scored once by ITM (split over the ranks), matrices.
+    ``kv_budget``: see :func:`score_pairs`."""
     num_images, num_texts = features.image_embeds.shape[0], features.text_embeds.shape[0]
     topk_i2t, topk_t2i, sims = topk_candidates(features.image_embeds, features.text_embeds, k_test, keep_sims)
     pairs = unique_pairs(topk_i2t, topk_t2i)
     start = features.image_start * num_texts
     end = (features.image_start + features.image_feats.shape[0]) * num_texts
     own = pairs[(pairs >= start) & (pairs < end)]
-    scores = score_pairs(model, own, num_texts, features, batch_size, amp)
+    scores = score_pairs(model, own, num_texts, features, batch_size, amp, kv_budget=kv_budget)
     all_pairs, all_scores = gather_variable([own, scores])
     score_i2t, score_t2i = assemble_score_matrices(all_pairs, all_scores, topk_i2t, topk_t2i)
     return RetrievalScores(score_i2t, score_t2i, None if sims is None else sims.numpy(), int(pairs.numel()),

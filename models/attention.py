@@ -1,8 +1,10 @@
 """The one attention function shared by the ViT and BERT blocks.
 
-PyTorch's fused ``scaled_dot_product_attention`` is used whenever the attention probabilities are
-not needed. An explicit softmax path is taken only when a caller reads the probabilities (keyword
-pseudo-labels, ``output_attentions``) or their gradient (Grad-CAM).
+PyTorch's fused ``scaled_dot_product_attention`` is used whenever neither the attention probabilities
+nor dropout on them are needed. Otherwise (a caller reads the probabilities: keyword pseudo-labels,
+``output_attentions``, Grad-CAM; or attention dropout in training) the softmax is written out, scaling
+the scores after the product as BERT does. The fused kernel would fall back to that computation for
+dropout anyway, with a few more operations; the dropout draws are the same, in the same order.
 """
 
 from __future__ import annotations
@@ -28,20 +30,20 @@ def attention(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Multi-head attention on ``(B, H, L, D)`` tensors with an additive mask.
 
-    Returns ``(context, probs)``; ``probs`` are the pre-dropout softmax probabilities and are only
-    computed (and kept in the autograd graph) when ``need_probs`` is true.
+    Returns ``(context, probs)``; ``probs`` are the pre-dropout softmax probabilities, returned only when
+    ``need_probs`` is true.
     """
     mask = _mask_for(query.dtype, attn_mask)
-    if not need_probs:
-        context = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout_p)
-        return context, None
+    if not need_probs and dropout_p == 0.0:
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask), None
     scale = query.shape[-1] ** -0.5
     scores = torch.matmul(query, key.transpose(-1, -2)) * scale
     if mask is not None:
         scores = scores + mask
     probs = scores.softmax(dim=-1)
     dropped = F.dropout(probs, p=dropout_p) if dropout_p > 0 else probs
-    return torch.matmul(dropped, value), probs
+    context = torch.matmul(dropped, value)
+    return context, (probs if need_probs else None)
 
 
 def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:

@@ -29,6 +29,7 @@ from transformers import BertConfig
 from models.attention import attention, merge_heads, split_heads
 
 SELF_ATTENTION_MASK_VALUE = -10000.0
+KeyValue = tuple[torch.Tensor, torch.Tensor]
 MULTIMODAL_MODES = ("multimodal", "multi_modal")
 
 
@@ -49,6 +50,38 @@ class EncoderOutput:
     last_hidden_state: torch.Tensor
     attentions: tuple[torch.Tensor, ...] | None = None
     cross_attentions: tuple[torch.Tensor, ...] | None = None
+
+
+@dataclass
+class CrossKeyValues:
+    """Cross-attention keys and values ``(B, H, S, D)`` of encoder states, per cross-attending layer.
+
+    Fusion passes that attend to the same encoder states with the same weights project them to the same
+    keys and values, and those projections have no dropout: computing them once
+    (:meth:`BertModel.cross_key_values`) and handing them to every such pass is exact, and autograd sums
+    the passes' gradients before the one weight-gradient product. ``rows`` (from :meth:`select`) picks,
+    repeats or reorders batch rows; it is applied when a layer reads its keys, so only one layer's
+    gathered copy exists at a time.
+    """
+
+    layers: dict[int, KeyValue]
+    rows: torch.Tensor | None = None
+
+    def select(self, index: torch.Tensor) -> CrossKeyValues:
+        """Keys and values of ``states[index]`` (a selection, repetition or reordering of the batch rows)."""
+        return CrossKeyValues(self.layers, index if self.rows is None else self.rows[index])
+
+    def layer(self, i: int) -> KeyValue | None:
+        """Keys and values for layer ``i`` (None if that layer does not cross-attend)."""
+        kv = self.layers.get(i)
+        if kv is None or self.rows is None:
+            return kv
+        return kv[0][self.rows], kv[1][self.rows]
+
+    def states_shape(self) -> tuple[int, int]:
+        """``(batch, length)`` of the encoder states these keys stand for."""
+        key = next(iter(self.layers.values()))[0]
+        return (key.shape[0] if self.rows is None else self.rows.shape[0]), key.shape[2]
 
 
 @dataclass
@@ -76,6 +109,8 @@ class BertEmbeddings(nn.Module):
 
     def forward(self, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, past_key_values_length: int = 0) -> torch.Tensor:
+        """``inputs_embeds`` are word vectors (``word_embeddings(input_ids)``), e.g. one lookup shared by
+        several passes over the same ids."""
         if inputs_embeds is None:
             inputs_embeds = self.word_embeddings(input_ids)
         length = inputs_embeds.shape[1]
@@ -115,14 +150,18 @@ class BertSelfAttention(nn.Module):
     def get_attention_map(self) -> torch.Tensor | None:
         return self.attention_map
 
+    def key_value(self, states: torch.Tensor) -> KeyValue:
+        """Keys and values ``(B, H, S, D)`` of ``states``: what a query pass attends to."""
+        heads = self.num_attention_heads
+        return split_heads(self.key(states), heads), split_heads(self.value(states), heads)
+
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None,
                 encoder_hidden_states: torch.Tensor | None = None, output_attentions: bool = False,
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        kv_source = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        heads = self.num_attention_heads
-        q = split_heads(self.query(hidden_states), heads)
-        k = split_heads(self.key(kv_source), heads)
-        v = split_heads(self.value(kv_source), heads)
+                encoder_kv: KeyValue | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        q = split_heads(self.query(hidden_states), self.num_attention_heads)
+        if encoder_kv is None:
+            encoder_kv = self.key_value(hidden_states if encoder_hidden_states is None else encoder_hidden_states)
+        k, v = encoder_kv
         need_probs = output_attentions or self.save_attention
         drop = self.dropout_prob if self.training else 0.0
         context, probs = attention(q, k, v, attention_mask, dropout_p=drop, need_probs=need_probs)
@@ -152,8 +191,9 @@ class BertAttention(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None,
                 encoder_hidden_states: torch.Tensor | None = None, output_attentions: bool = False,
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        context, probs = self.self(hidden_states, attention_mask, encoder_hidden_states, output_attentions)
+                encoder_kv: KeyValue | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        context, probs = self.self(hidden_states, attention_mask, encoder_hidden_states, output_attentions,
+                                   encoder_kv)
         return self.output(context, hidden_states), probs
 
 
@@ -192,17 +232,29 @@ class BertLayer(nn.Module):
         self.intermediate = BertIntermediate(config)
         self.output = BertOutput(config)
 
+    def runs_cross_attention(self, mode: str) -> bool:
+        return self.has_cross_attention and (self.always_cross or mode in MULTIMODAL_MODES)
+
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None,
                 encoder_hidden_states: torch.Tensor | None, encoder_attention_mask: torch.Tensor | None,
-                mode: str, output_attentions: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        hidden_states, self_probs = self.attention(hidden_states, attention_mask, None, output_attentions)
+                mode: str, output_attentions: bool, encoder_kv: KeyValue | None = None,
+                query_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """``query_rows``: compute the outputs of the first positions only (every position is still a
+        key); each output row depends only on its own query row, so those rows are unchanged."""
+        if query_rows is None:
+            hidden_states, self_probs = self.attention(hidden_states, attention_mask, None, output_attentions)
+        else:
+            queries = hidden_states[:, :query_rows]
+            if attention_mask is not None and attention_mask.shape[-2] > 1:
+                attention_mask = attention_mask[..., :query_rows, :]
+            hidden_states, self_probs = self.attention(queries, attention_mask, hidden_states, output_attentions)
         cross_probs = None
-        if self.has_cross_attention and (self.always_cross or mode in MULTIMODAL_MODES):
-            if encoder_hidden_states is None:
+        if self.runs_cross_attention(mode):
+            if encoder_hidden_states is None and encoder_kv is None:
                 raise ValueError("encoder_hidden_states must be given for cross-attention layers "
                                  f"(mode={mode!r})")
             hidden_states, cross_probs = self.crossattention(
-                hidden_states, encoder_attention_mask, encoder_hidden_states, output_attentions)
+                hidden_states, encoder_attention_mask, encoder_hidden_states, output_attentions, encoder_kv)
         hidden_states = self.output(self.intermediate(hidden_states), hidden_states)
         return hidden_states, self_probs, cross_probs
 
@@ -234,23 +286,28 @@ class BertEncoder(nn.Module):
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None,
                 encoder_hidden_states: torch.Tensor | Sequence[torch.Tensor] | None,
                 encoder_attention_mask: torch.Tensor | Sequence[torch.Tensor] | None,
-                mode: str, output_attentions: bool | Collection[int]) -> EncoderOutput:
+                mode: str, output_attentions: bool | Collection[int],
+                encoder_kv: CrossKeyValues | None = None, output_rows: int | None = None) -> EncoderOutput:
         self_attns: list[torch.Tensor] = []
         cross_attns: list[torch.Tensor] = []
         is_list = isinstance(encoder_hidden_states, (list, tuple))
-        for i in self.layer_range(mode):
+        layers = self.layer_range(mode)
+        for i in layers:
             layer = self.layer[i]
             want = output_attentions is True or (not isinstance(output_attentions, bool) and i in output_attentions)
             states, states_mask = encoder_hidden_states, encoder_attention_mask
             if is_list:
                 j = (i - self.fusion_layer) % len(encoder_hidden_states)
                 states, states_mask = encoder_hidden_states[j], encoder_attention_mask[j]
+            kv = encoder_kv.layer(i) if encoder_kv is not None else None
+            rows = output_rows if i == layers[-1] else None
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and not want:
                 hidden_states, self_p, cross_p = checkpoint(
-                    layer, hidden_states, attention_mask, states, states_mask, mode, False, use_reentrant=False)
+                    layer, hidden_states, attention_mask, states, states_mask, mode, False, kv, rows,
+                    use_reentrant=False)
             else:
                 hidden_states, self_p, cross_p = layer(
-                    hidden_states, attention_mask, states, states_mask, mode, want)
+                    hidden_states, attention_mask, states, states_mask, mode, want, kv, rows)
             if want:
                 self_attns.append(self_p)
                 if cross_p is not None:
@@ -310,14 +367,30 @@ class BertModel(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.encoder.gradient_checkpointing = enable
 
+    def default_mode(self) -> str:
+        return "multimodal" if self.layout == "med" else "multi_modal"
+
+    def cross_key_values(self, encoder_hidden_states: torch.Tensor, mode: str | None = None) -> CrossKeyValues:
+        """Project ``encoder_hidden_states`` once for every layer that cross-attends in ``mode``; pass the
+        result as ``encoder_kv`` to any number of forward calls over those states."""
+        mode = mode or self.default_mode()
+        return CrossKeyValues({
+            i: self.encoder.layer[i].crossattention.self.key_value(encoder_hidden_states)
+            for i in self.encoder.layer_range(mode) if self.encoder.layer[i].runs_cross_attention(mode)
+        })
+
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 inputs_embeds: torch.Tensor | None = None, encoder_embeds: torch.Tensor | None = None,
                 encoder_hidden_states: torch.Tensor | Sequence[torch.Tensor] | None = None,
                 encoder_attention_mask: torch.Tensor | Sequence[torch.Tensor] | None = None,
                 token_type_ids: torch.Tensor | None = None, output_attentions: bool | Collection[int] = False,
-                is_decoder: bool = False, mode: str | None = None, return_dict: bool = True) -> EncoderOutput:
+                is_decoder: bool = False, mode: str | None = None, return_dict: bool = True,
+                encoder_kv: CrossKeyValues | None = None, output_rows: int | None = None) -> EncoderOutput:
+        """``encoder_kv`` (from :meth:`cross_key_values`) replaces the cross-attention projections of
+        ``encoder_hidden_states``, which may then be omitted. ``output_rows``: return (and compute in the
+        last layer) only the first positions, e.g. 1 when only the [CLS] output is read."""
         if mode is None:
-            mode = "multimodal" if self.layout == "med" else "multi_modal"
+            mode = self.default_mode()
         if encoder_embeds is not None:
             embedding_output = encoder_embeds
         elif input_ids is not None or inputs_embeds is not None:
@@ -340,7 +413,12 @@ class BertModel(nn.Module):
                 if encoder_attention_mask is None:
                     encoder_attention_mask = torch.ones(encoder_hidden_states.shape[:2], device=device)
                 cross_mask = extended_cross_mask(encoder_attention_mask)
-        return self.encoder(embedding_output, self_mask, encoder_hidden_states, cross_mask, mode, output_attentions)
+        elif encoder_kv is not None:
+            if encoder_attention_mask is None:
+                encoder_attention_mask = torch.ones(encoder_kv.states_shape(), device=device)
+            cross_mask = extended_cross_mask(encoder_attention_mask)
+        return self.encoder(embedding_output, self_mask, encoder_hidden_states, cross_mask, mode, output_attentions,
+                            encoder_kv, output_rows)
 
 
 class BertPredictionHeadTransform(nn.Module):
@@ -354,6 +432,57 @@ class BertPredictionHeadTransform(nn.Module):
         return self.LayerNorm(self.transform_act_fn(self.dense(hidden_states)))
 
 
+#: Up to this many rows, a vocabulary-sized projection is computed as ``W @ x^T``: with a few rows the
+#: product is a pass over the (vocabulary x width) matrix, which that form streams row by row (about
+#: twice as fast on CPU as ``x @ W^T``; same dot products, rounding may differ in the last bit).
+FEW_ROWS = 16
+
+
+def _rows_times_table(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``rows @ weight^T + bias`` for a few 2-D ``rows``, as ``(weight @ rows^T)^T``."""
+    if rows.shape[0] <= FEW_ROWS:
+        out = torch.mm(weight, rows.t()) if bias is None else torch.addmm(bias[:, None], weight, rows.t())
+        return out.t().contiguous()
+    return F.linear(rows, weight, bias)
+
+
+class _VocabularyProjection(torch.autograd.Function):
+    """``F.linear`` over a vocabulary-sized weight with a fresh, contiguous weight gradient.
+
+    Autograd's own linear returns the weight gradient as a transposed view, which the gradient buffer of
+    a tied table (word embeddings, MLM decoder) cannot add into in place: every further contribution
+    then allocates another (vocabulary x width) tensor. The products are the ones autograd computes.
+    """
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(rows, weight)
+        ctx.has_bias = bias is not None
+        return _rows_times_table(rows, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        rows, weight = ctx.saved_tensors
+        grad_rows = grad.mm(weight) if ctx.needs_input_grad[0] else None
+        grad_weight = grad.t().mm(rows) if ctx.needs_input_grad[1] else None
+        grad_bias = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_rows, grad_weight, grad_bias
+
+
+def vocabulary_projection(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                          ) -> torch.Tensor:
+    """``F.linear(hidden, weight, bias)`` for a (vocabulary x width) ``weight``: faster for a few rows and
+    without extra full-size gradient buffers (see :class:`_VocabularyProjection`). Under autocast it is
+    plain ``F.linear``."""
+    if torch.is_autocast_enabled(hidden.device.type):
+        return F.linear(hidden, weight, bias)
+    rows = hidden.reshape(-1, hidden.shape[-1])
+    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad
+                                              or (bias is not None and bias.requires_grad))
+    out = _VocabularyProjection.apply(rows, weight, bias) if needs_grad else _rows_times_table(rows, weight, bias)
+    return out.view(*hidden.shape[:-1], weight.shape[0])
+
+
 class BertLMPredictionHead(nn.Module):
     def __init__(self, config: BertConfig) -> None:
         super().__init__()
@@ -364,7 +493,7 @@ class BertLMPredictionHead(nn.Module):
         self.decoder.bias = self.bias
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.transform(hidden_states))
+        return vocabulary_projection(self.transform(hidden_states), self.decoder.weight, self.bias)
 
 
 class BertOnlyMLMHead(nn.Module):
@@ -413,13 +542,13 @@ class BertForMaskedLM(_BertWithHead):
                 encoder_attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 soft_labels: torch.Tensor | None = None, alpha: float = 0.0, return_logits: bool = False,
                 output_attentions: bool = False, is_decoder: bool = False, mode: str = "multimodal",
-                ) -> LMOutput | torch.Tensor:
+                encoder_kv: CrossKeyValues | None = None) -> LMOutput | torch.Tensor:
         """Masked-LM loss on ``labels`` (-100 = no loss), distilled towards ``soft_labels`` with weight
         ``alpha``; ``soft_labels`` are (B, L, V) or only the rows of the labelled positions (M, V)."""
         out = self.bert(input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
                         encoder_hidden_states=encoder_hidden_states,
                         encoder_attention_mask=encoder_attention_mask, output_attentions=output_attentions,
-                        is_decoder=is_decoder, mode=mode)
+                        is_decoder=is_decoder, mode=mode, encoder_kv=encoder_kv)
         logits = self.cls(out.last_hidden_state)
         if return_logits:
             return logits

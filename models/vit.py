@@ -123,14 +123,38 @@ class VisionTransformer(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
 
+    def _mask_patches(self, x: torch.Tensor, masked_visual_token_pos: torch.Tensor) -> torch.Tensor:
+        if self.mask_token is None:
+            raise ValueError("this ViT was built without a mask token (vit_mask_token: false)")
+        w = masked_visual_token_pos.flatten(1).unsqueeze(-1).to(x.dtype)
+        return x * (1 - w) + self.mask_token.to(x.dtype) * w
+
     def forward(self, x: torch.Tensor, masked_visual_token_pos: torch.Tensor | None = None,
                 register_blk: int = -1) -> torch.Tensor:
         x = self.patch_embed(x)
         if masked_visual_token_pos is not None:
-            if self.mask_token is None:
-                raise ValueError("this ViT was built without a mask token (vit_mask_token: false)")
-            w = masked_visual_token_pos.flatten(1).unsqueeze(-1).to(x.dtype)
-            x = x * (1 - w) + self.mask_token.to(x.dtype) * w
+            x = self._mask_patches(x, masked_visual_token_pos)
+        return self._encode_patches(x, register_blk)
+
+    def draws_random_numbers(self) -> bool:
+        """Whether a forward pass uses the random generator (dropout or drop-path active in training)."""
+        return self.training and (self.pos_drop.p > 0 or any(
+            not isinstance(b.drop_path, nn.Identity) or b.attn.attn_drop > 0 or b.attn.proj_drop.p > 0
+            for b in self.blocks))
+
+    def forward_plain_and_masked(self, x: torch.Tensor, masked_visual_token_pos: torch.Tensor
+                                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(self(x), self(x, masked_visual_token_pos))`` with one patch embedding and one pass of the
+        blocks over both versions (a batch of 2B). Every block works per sample, so this is the same
+        computation, with larger matrix products. When the passes draw random numbers
+        (:meth:`draws_random_numbers`) they are run one after the other instead."""
+        if self.draws_random_numbers():
+            return self(x), self(x, masked_visual_token_pos)
+        patches = self.patch_embed(x)
+        both = torch.cat([patches, self._mask_patches(patches, masked_visual_token_pos)])
+        return self._encode_patches(both).chunk(2)
+
+    def _encode_patches(self, x: torch.Tensor, register_blk: int = -1) -> torch.Tensor:
         cls = self.cls_token.expand(x.shape[0], -1, -1)
         x = torch.cat((cls, x), dim=1)
         x = self.pos_drop(x + self.pos_embed[:, : x.size(1), :])

@@ -14,6 +14,15 @@ The parameter grouping reproduces the original SIMLA code exactly:
 The optimizer itself is chosen by the last ``_``-separated part of ``opt`` (lower-cased); a
 ``lookahead_`` prefix wraps the result in :class:`timm.optim.Lookahead`. ``adamw`` (what every shipped
 config uses) is :class:`torch.optim.AdamW` with betas ``(0.9, 0.999)``, eps ``1e-8`` and no amsgrad.
+
+``adam``/``adamw`` run PyTorch's fused kernel (``fused=True``) when every parameter is a floating-point
+CPU or CUDA tensor: one pass over each tensor instead of a chain of element-wise operations and their
+full-size temporaries. It computes the same update (it differs from the for-loop implementation in the
+last bit of a few parameters). The choice of kernel is not part of a checkpoint: ``state_dict()`` is
+written exactly as the default implementation writes it (``fused: None``, CPU ``step`` tensors) and
+``load_state_dict()`` keeps the kernel chosen here, so original checkpoints resume and ours load into
+an unfused optimizer. ``opt_args: {fused: false}`` (or any ``fused``/``foreach`` value) overrides the
+choice.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ from torch import nn
 __all__ = [
     "OPTIMIZER_NAMES",
     "create_optimizer",
+    "keep_default_checkpoint_format",
     "param_groups_weight_decay",
 ]
 
@@ -64,6 +74,10 @@ _OPTIMIZERS: dict[str, tuple[str, dict[str, Any]]] = {
 OPTIMIZER_NAMES: tuple[str, ...] = tuple(_OPTIMIZERS)
 
 _MISSING = object()
+
+#: Names whose torch optimizer has a fused step kernel, and the devices it runs on.
+_FUSED_NAMES = ("adam", "adamw")
+_FUSED_DEVICES = ("cpu", "cuda")
 
 
 def _cfg_get(cfg: Any, key: str, default: Any = _MISSING) -> Any:
@@ -104,6 +118,54 @@ def param_groups_weight_decay(
         {"params": no_decay, "weight_decay": 0.0},
         {"params": decay, "weight_decay": weight_decay},
     ]
+
+
+def _flat_params(params: Any) -> list[torch.Tensor]:
+    flat: list[torch.Tensor] = []
+    for item in params:
+        flat.extend(item["params"] if isinstance(item, Mapping) else [item])
+    return flat
+
+
+def _fused_supported(params: Any) -> bool:
+    """Whether every parameter is a floating-point tensor on a device with a fused Adam kernel."""
+    flat = _flat_params(params)
+    return bool(flat) and all(p.is_floating_point() and p.device.type in _FUSED_DEVICES for p in flat)
+
+
+def keep_default_checkpoint_format(optimizer: torch.optim.Optimizer) -> None:
+    """Make a fused optimizer's checkpoints identical to those of the default implementation.
+
+    ``state_dict()`` reports ``fused: None`` and CPU ``step`` tensors (what the for-loop kernel writes);
+    ``load_state_dict()`` restores this optimizer's own kernel flags, which a loaded checkpoint would
+    otherwise overwrite with its own (``None`` in every original checkpoint, i.e. the slow kernel), and
+    moves ``step`` next to its parameter as the fused kernel requires.
+    """
+    chosen = [{key: group.get(key) for key in ("fused", "foreach")} for group in optimizer.param_groups]
+
+    def on_save(_: torch.optim.Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
+        for group in state_dict["param_groups"]:
+            group["fused"] = None
+        # the per-parameter dicts are the live state: replace them, never modify them
+        state_dict["state"] = {
+            key: {name: (value.cpu() if name == "step" and isinstance(value, torch.Tensor) else value)
+                  for name, value in entry.items()}
+            for key, entry in state_dict["state"].items()
+        }
+        return state_dict
+
+    def on_load(opt: torch.optim.Optimizer) -> None:
+        for group, flags in zip(opt.param_groups, chosen):
+            group.update(flags)
+            if not group.get("fused"):
+                continue
+            for param in group["params"]:
+                entry = opt.state.get(param)
+                if entry and isinstance(entry.get("step"), torch.Tensor):
+                    entry["step"] = entry["step"].to(device=param.device, dtype=torch.float32)
+
+    optimizer.register_state_dict_post_hook(on_save)
+    optimizer.register_load_state_dict_post_hook(on_load)
 
 
 def _parse_name(opt: str) -> tuple[str, bool]:
@@ -160,8 +222,12 @@ def create_optimizer(opt_config: Mapping[str, Any] | Any, model: nn.Module) -> t
         lr = None
     momentum = float(_cfg_get(opt_config, "momentum", 0.9))
 
+    fused = (base in _FUSED_NAMES and not use_lookahead and "fused" not in kwargs and "foreach" not in kwargs
+             and _fused_supported(params))
+    if fused:
+        kwargs["fused"] = True
     name = f"lookahead_{timm_name}" if use_lookahead else timm_name
-    return create_optimizer_v2(
+    optimizer = create_optimizer_v2(
         params,
         opt=name,
         lr=None if lr is None else float(lr),
@@ -169,3 +235,6 @@ def create_optimizer(opt_config: Mapping[str, Any] | Any, model: nn.Module) -> t
         momentum=momentum,
         **kwargs,
     )
+    if fused:
+        keep_default_checkpoint_format(optimizer)
+    return optimizer

@@ -52,12 +52,13 @@ class MomentumMixin:
 
     @torch.no_grad()
     def _momentum_update(self) -> None:
-        """``p_m <- m * p_m + (1 - m) * p`` for every pair, as one fused multi-tensor operation."""
+        """``p_m <- m * p_m + (1 - m) * p`` for every pair, as one multi-tensor ``lerp`` (``p_m + (1 - m)
+        (p - p_m)``: one pass over the weights instead of two; the rounding differs from the two-step
+        form in the last bit, and is the closer of the two to the exact value)."""
         online, momentum = _pair_params(self.model_pairs)
         online = [p.data for p in online]
         momentum = [p.data for p in momentum]
-        torch._foreach_mul_(momentum, self.momentum)
-        torch._foreach_add_(momentum, online, alpha=1.0 - self.momentum)
+        torch._foreach_lerp_(momentum, online, 1.0 - self.momentum)
 
     # ---------------------------------------------------------------------------------------------
 

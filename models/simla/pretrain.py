@@ -18,7 +18,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.bert import BertForMaskedLM, build_bert, load_bert_config, pretrained_source
+from models.bert import (
+    BertForMaskedLM,
+    build_bert,
+    load_bert_config,
+    pretrained_source,
+    vocabulary_projection,
+)
 from models.dvae import DALLE_VOCAB_SIZE
 from models.simla.momentum import MomentumMixin
 from models.vit import DEIT_BASE_URL, load_deit_weights, vit_from_config
@@ -112,6 +118,15 @@ class SIMLA(MomentumMixin, nn.Module):
         self.psl_num_keywords = int(config.get("psl_num_keywords", 5))
         if config.get("grad_checkpointing", False):
             self.set_grad_checkpointing(True)
+        # Exact reformulations of the step (same values, same random draws, gradients equal up to float
+        # summation order), attributes so that a test can compare them with the plain computation:
+        # one word-table lookup of the caption for every online pass over it (the table then gets one
+        # (vocabulary x width) gradient from it instead of one per pass); one projection of the image
+        # features to cross-attention keys/values for the online fusion passes (CrossKeyValues); the
+        # plain and masked ViT passes of each encoder as one batch (forward_plain_and_masked).
+        self.share_word_lookup = True
+        self.share_image_kv = True
+        self.pair_vit_passes = True
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.visual_encoder.set_grad_checkpointing(enable)
@@ -145,16 +160,30 @@ class SIMLA(MomentumMixin, nn.Module):
         with torch.no_grad():
             self.temp.clamp_(0.001, 0.5)
 
-        image_embeds = self.visual_encoder(image)
+        # the plain and the masked (MIM) ViT passes as one batch when that draws no random numbers (always,
+        # with the ViT this model builds); otherwise the masked pass runs at its original place, below
+        pair_vit = self.pair_vit_passes and not (self.visual_encoder.draws_random_numbers()
+                                                 or self.visual_encoder_m.draws_random_numbers())
+        if pair_vit:
+            image_embeds, masked_embeds = self.visual_encoder.forward_plain_and_masked(
+                image, masked_visual_token_pos)
+        else:
+            image_embeds = self.visual_encoder(image)
         image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image.device)
         image_feat = F.normalize(self.vision_proj(image_embeds[:, 0, :]), dim=-1)
-        text_embeds = self.text_encoder.bert(ids, attention_mask=text_mask, mode="text").last_hidden_state
+        words = self.text_encoder.bert.embeddings.word_embeddings(ids) if self.share_word_lookup else None
+        caption = {"input_ids": ids} if words is None else {"inputs_embeds": words}
+        text_embeds = self.text_encoder.bert(**caption, attention_mask=text_mask, mode="text").last_hidden_state
         text_feat = F.normalize(self.text_proj(text_embeds[:, 0, :]), dim=-1)
 
         # ---- momentum features and ITA targets
         with torch.no_grad():
             self._momentum_update()
-            image_embeds_m = self.visual_encoder_m(image)
+            if pair_vit:
+                image_embeds_m, masked_embeds_m = self.visual_encoder_m.forward_plain_and_masked(
+                    image, masked_visual_token_pos)
+            else:
+                image_embeds_m = self.visual_encoder_m(image)
             image_feat_m = F.normalize(self.vision_proj_m(image_embeds_m[:, 0, :]), dim=-1)
             image_feat_all = torch.cat([image_feat_m.t(), self.image_queue.clone().detach()], dim=1)
             text_out_m = self.text_encoder_m.bert(ids, attention_mask=text_mask, mode="text")
@@ -179,8 +208,12 @@ class SIMLA(MomentumMixin, nn.Module):
                          sim_i2t_targets=sim_i2t_targets, sim_t2i_targets=sim_t2i_targets)
 
         # ---- ITM with hard negatives
-        output_pos = self.text_encoder.bert(ids, attention_mask=text_mask, encoder_hidden_states=image_embeds,
-                                            encoder_attention_mask=image_atts, mode="multimodal")
+        # the online fusion passes (ITM positives, negatives, MLM) all attend to rows of image_embeds
+        # through the same projections: project them once (exact, see CrossKeyValues)
+        image_kv = self.text_encoder.bert.cross_key_values(image_embeds) if self.share_image_kv else None
+        output_pos = self.text_encoder.bert(**caption, attention_mask=text_mask, encoder_hidden_states=image_embeds,
+                                            encoder_attention_mask=image_atts, mode="multimodal",
+                                            encoder_kv=image_kv)
         batch = image.shape[0]
         with torch.no_grad():
             weights_i2t = F.softmax(sim_i2t[:, :batch].float(), dim=1)
@@ -188,12 +221,21 @@ class SIMLA(MomentumMixin, nn.Module):
             weights_i2t.fill_diagonal_(0)
             weights_t2i.fill_diagonal_(0)
         neg_image_idx, neg_text_idx = self.sample_itm_negatives(weights_t2i, weights_i2t)
-        image_embeds_neg = image_embeds[neg_image_idx]
         text_ids_neg, text_mask_neg = ids[neg_text_idx], text_mask[neg_text_idx]
+        # rows: each text with its hard-negative image, then each image with its hard-negative text
+        image_rows = torch.cat([neg_image_idx, torch.arange(batch, device=neg_image_idx.device)])
+        if image_kv is None:
+            neg_states, neg_kv = image_embeds[image_rows], None
+        else:
+            neg_states, neg_kv = None, image_kv.select(image_rows)
+        if words is None:
+            neg_caption = {"input_ids": torch.cat([ids, text_ids_neg], dim=0)}
+        else:
+            neg_caption = {"inputs_embeds": torch.cat([words, words[neg_text_idx]], dim=0)}
         output_neg = self.text_encoder.bert(
-            torch.cat([ids, text_ids_neg], dim=0), attention_mask=torch.cat([text_mask, text_mask_neg], dim=0),
-            encoder_hidden_states=torch.cat([image_embeds_neg, image_embeds], dim=0),
-            encoder_attention_mask=torch.cat([image_atts, image_atts], dim=0), mode="multimodal")
+            **neg_caption, attention_mask=torch.cat([text_mask, text_mask_neg], dim=0),
+            encoder_hidden_states=neg_states, encoder_attention_mask=torch.cat([image_atts, image_atts], dim=0),
+            mode="multimodal", encoder_kv=neg_kv)
         vl_embeddings = torch.cat([output_pos.last_hidden_state[:, 0, :], output_neg.last_hidden_state[:, 0, :]])
         vl_output = self.itm_head(vl_embeddings)
         itm_labels = torch.cat([torch.ones(batch, dtype=torch.long), torch.zeros(2 * batch, dtype=torch.long)]
@@ -213,7 +255,8 @@ class SIMLA(MomentumMixin, nn.Module):
             soft_labels_mlm = F.softmax(self.text_encoder_m.cls(hidden_m[selected]), dim=-1)
         loss_mlm = self.text_encoder(mlm_ids, attention_mask=text_mask, encoder_hidden_states=image_embeds,
                                      encoder_attention_mask=image_atts, labels=mlm_labels,
-                                     soft_labels=soft_labels_mlm, alpha=alpha, mode="multimodal").loss
+                                     soft_labels=soft_labels_mlm, alpha=alpha, mode="multimodal",
+                                     encoder_kv=image_kv).loss
         if return_intermediates:
             inter.update(mlm_input_ids=mlm_ids, mlm_labels=mlm_labels,
                          mlm_teacher_logits=self.text_encoder_m.cls(hidden_m).detach())
@@ -221,15 +264,17 @@ class SIMLA(MomentumMixin, nn.Module):
         # ---- MIM: masked image patches (as BERT queries) attending to the caption's embeddings
         masked_pos = masked_visual_token_pos.flatten(1).bool()
         with torch.no_grad():
-            masked_embeds_m = self.visual_encoder_m(image, masked_visual_token_pos)
+            if not pair_vit:
+                masked_embeds_m = self.visual_encoder_m(image, masked_visual_token_pos)
             cross_m = self.text_encoder_m.bert(inputs_embeds=masked_embeds_m, attention_mask=image_atts,
-                                               encoder_hidden_states=self.text_encoder.bert.embeddings(ids),
+                                               encoder_hidden_states=self.text_encoder.bert.embeddings(**caption),
                                                encoder_attention_mask=text_mask)
             # both MIM terms only read the masked patches: the heads run on those rows alone
             soft_labels_mim = F.softmax(self.mim_head_m(cross_m.last_hidden_state[:, 1:][masked_pos]), dim=-1)
-        masked_embeds = self.visual_encoder(image, masked_visual_token_pos)
+        if not pair_vit:
+            masked_embeds = self.visual_encoder(image, masked_visual_token_pos)
         cross = self.text_encoder.bert(inputs_embeds=masked_embeds, attention_mask=image_atts,
-                                       encoder_hidden_states=self.text_encoder.bert.embeddings(ids),
+                                       encoder_hidden_states=self.text_encoder.bert.embeddings(**caption),
                                        encoder_attention_mask=text_mask)
         predicted_visual_tokens = self.mim_head(cross.last_hidden_state[:, 1:][masked_pos])
         loss_mim_hard = F.cross_entropy(predicted_visual_tokens, masked_visual_tok_labels)
@@ -244,8 +289,8 @@ class SIMLA(MomentumMixin, nn.Module):
             hard_targets = torch.zeros(batch, self.vocab_size, device=image.device)
             hard_targets.scatter_(1, salient, 1)
             hard_targets[:, self.cls_token_id] = 0
-            soft_targets = torch.sigmoid(self.concept_head_m(image_feat_m))
-        predictions = self.concept_head(image_feat)
+            soft_targets = torch.sigmoid(self._concept_logits(self.concept_head_m, image_feat_m))
+        predictions = self._concept_logits(self.concept_head, image_feat)
         loss_psl_hard = F.binary_cross_entropy_with_logits(predictions, hard_targets)
         loss_psl_soft = F.binary_cross_entropy_with_logits(predictions, soft_targets)
         loss_pseudolabels = (1 - alpha) * loss_psl_hard + alpha * loss_psl_soft
@@ -256,6 +301,11 @@ class SIMLA(MomentumMixin, nn.Module):
 
         losses = (loss_mlm, loss_ita, loss_itm, loss_mim, loss_pseudolabels)
         return (*losses, inter) if return_intermediates else losses
+
+    @staticmethod
+    def _concept_logits(head: nn.Linear, features: torch.Tensor) -> torch.Tensor:
+        """The keyword head: one logit per vocabulary entry for each of a few feature rows."""
+        return vocabulary_projection(features, head.weight, head.bias)
 
     @torch.no_grad()
     def salient_tokens(self, ids: torch.Tensor, text_mask: torch.Tensor, image_embeds: torch.Tensor,

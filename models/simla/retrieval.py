@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.bert import BertModel, build_bert, load_bert_config, pretrained_source
+from models.bert import BertModel, CrossKeyValues, build_bert, load_bert_config, pretrained_source
 from models.simla.momentum import MomentumMixin
 from models.simla.pretrain import mask_tokens, sample_negatives
 from models.vit import DEIT_BASE_URL, interpolate_pos_embed, load_deit_weights, vit_from_config
@@ -105,20 +105,33 @@ class SIMLA(MomentumMixin, nn.Module):
         image_embeds = self.visual_encoder(image)
         return image_embeds, F.normalize(self.vision_proj(image_embeds[:, 0, :]), dim=-1)
 
-    def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cls_only: bool = False
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(text_embeds (B, L, D), text_feat (B, E))`` from the text-only pass."""
-        text_embeds = self.text_encoder(input_ids, attention_mask=attention_mask, mode="text").last_hidden_state
+        """``(text_embeds (B, L, D), text_feat (B, E))`` from the text-only pass; with ``cls_only`` the
+        last layer computes (and ``text_embeds`` holds) the [CLS] row alone, which is all ``text_feat``
+        reads."""
+        text_embeds = self.text_encoder(input_ids, attention_mask=attention_mask, mode="text",
+                                        output_rows=1 if cls_only else None).last_hidden_state
         return text_embeds, F.normalize(self.text_proj(text_embeds[:, 0, :]), dim=-1)
 
-    def itm_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_embeds: torch.Tensor,
-                   image_atts: torch.Tensor | None = None) -> torch.Tensor:
-        """Match / no-match logits ``(B, 2)`` of text ``b`` with image ``b`` (fusion pass + ITM head)."""
-        if image_atts is None:
+    def itm_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   image_embeds: torch.Tensor | None = None, image_atts: torch.Tensor | None = None,
+                   image_kv: CrossKeyValues | None = None, cls_only: bool = False) -> torch.Tensor:
+        """Match / no-match logits ``(B, 2)`` of text ``b`` with image ``b`` (fusion pass + ITM head).
+
+        The images are given as ViT states ``image_embeds`` or, projected once for many pairs, as
+        ``image_kv`` (:meth:`image_key_values`, rows selected per pair). ``cls_only`` computes only the
+        [CLS] row in the last fusion layer (same logits; the other rows' attention maps are not made)."""
+        if image_atts is None and image_embeds is not None:
             image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
         output = self.text_encoder(input_ids, attention_mask=attention_mask, encoder_hidden_states=image_embeds,
-                                   encoder_attention_mask=image_atts, mode="multimodal")
+                                   encoder_attention_mask=image_atts, mode="multimodal", encoder_kv=image_kv,
+                                   output_rows=1 if cls_only else None)
         return self.itm_head(output.last_hidden_state[:, 0, :])
+
+    def image_key_values(self, image_embeds: torch.Tensor) -> CrossKeyValues:
+        """The fusion layers' keys and values of ViT states, for :meth:`itm_logits` (``image_kv``)."""
+        return self.text_encoder.cross_key_values(image_embeds, mode="multimodal")
 
     # --- training -----------------------------------------------------------------------------------
 
