@@ -60,6 +60,8 @@ def _yaml_dumper() -> YAML:
     # non-ASCII characters escaped, as the original's yaml.dump does; this also keeps characters
     # such as U+0085 that YAML would read back as line breaks
     yaml.allow_unicode = False
+    # no line folding: a folded double-quoted scalar with escapes does not read back intact
+    yaml.width = 2**30
     return yaml
 
 
