@@ -24,6 +24,7 @@ from __future__ import annotations
 import difflib
 import errno
 import io
+import json
 import os
 import secrets
 from collections.abc import Iterable, Mapping
@@ -277,15 +278,34 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _reads_back(text: str, value: Any) -> bool:
+    try:
+        return _yaml_loader().load(text) == value
+    except YAMLError:
+        return False
+
+
 def dump_config(config: Mapping[str, Any]) -> str:
     """Render ``config`` as the YAML text written to ``config.yaml``.
 
     Keys are sorted alphabetically, innermost mappings and lists are in flow style and floats use
     Python's repr (``0.0001``, ``1e-05``), as in the original's output.
     """
+    plain = _plain(config)
     stream = io.StringIO()
-    _yaml_dumper().dump(_plain(config), stream)
-    return stream.getvalue()
+    _yaml_dumper().dump(plain, stream)
+    text = stream.getvalue()
+    if not _reads_back(text, plain):
+        # an unusual key or value the plain style would misread (e.g. a key '?0'): quote every scalar
+        dumper = _yaml_dumper()
+        dumper.default_style = '"'
+        stream = io.StringIO()
+        dumper.dump(plain, stream)
+        text = stream.getvalue()
+        if not _reads_back(text, plain):
+            # last resort: JSON, which YAML reads as it is
+            text = json.dumps(plain, indent=2, sort_keys=True, ensure_ascii=True) + "\n"
+    return text
 
 
 def _atomic_write_text(target: str, text: str) -> None:
