@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import sys
 import time
@@ -27,6 +26,7 @@ if REPO_ROOT not in sys.path:
 
 import torch  # noqa: E402
 
+from benchmarks.memory import peak_rss_mb, rss_mb  # noqa: E402
 from dataset.masking import MaskingGenerator  # noqa: E402
 from engine.precision import autocast, grad_scaler  # noqa: E402
 from models.simla.pretrain import SIMLA  # noqa: E402
@@ -46,17 +46,6 @@ PRESETS = {
                  bert_config=os.path.join(REPO_ROOT, "configs", "shared_bert.json"), vocab_size=30522, batch_size=2,
                  mask_patches=75, mask_min=16),
 }
-
-
-def rss_mb() -> float:
-    """Current resident set size in MB (Linux /proc)."""
-    with open("/proc/self/statm") as handle:
-        pages = int(handle.read().split()[1])
-    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def make_batch(preset: dict, batch_size: int, device: torch.device, generator: torch.Generator):

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import sys
 import time
@@ -35,6 +34,7 @@ if REPO_ROOT not in sys.path:
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from benchmarks.memory import peak_rss_mb, rss_mb  # noqa: E402
 from engine.retrieval_eval import (  # noqa: E402
     RetrievalFeatures,
     encode_images,
@@ -91,17 +91,6 @@ def count_itm(model: SIMLA) -> tuple[list[int], torch.utils.hooks.RemovableHandl
     """Rows seen by the ITM head, one entry per fusion pass."""
     rows: list[int] = []
     return rows, model.itm_head.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
-
-
-def rss_mb() -> float:
-    """Current resident set size in MB (Linux /proc)."""
-    with open("/proc/self/statm") as handle:
-        pages = int(handle.read().split()[1])
-    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def timed(fn, device: torch.device):

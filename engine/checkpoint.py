@@ -12,25 +12,9 @@ from typing import Any
 import torch
 
 from models.vit import interpolate_pos_embed
-from utils import is_main_process, load_checkpoint, save_checkpoint
+from utils import load_checkpoint
 
 StateDictMapping = Callable[[dict[str, torch.Tensor], torch.nn.Module], dict[str, torch.Tensor]]
-
-
-def save_training_checkpoint(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                             config: Mapping[str, Any], epoch: int, **extra: Any) -> None:
-    """Write a checkpoint (main process only, atomically)."""
-    if not is_main_process():
-        return
-    state = {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "lr_scheduler": scheduler.state_dict(),
-        "config": dict(config),
-        "epoch": epoch,
-    }
-    state.update(extra)
-    save_checkpoint(state, path)
 
 
 def read_checkpoint(path: str, trust: bool = False) -> dict[str, Any]:
