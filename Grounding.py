@@ -110,9 +110,8 @@ def main(args: argparse.Namespace) -> None:
     tracker = Tracker(args.log_backend, args.output_dir, config)
     max_epoch = int(config["schedular"]["epochs"])
     warmup_epochs = int(config["schedular"].get("warmup_epochs", 0) or 0)
-    settings = EpochSettings(loss_names=LOSS_NAMES, meter_window=1, warmup_epochs=warmup_epochs, amp=args.amp,
-                             counted_batches=True, skip_nonfinite=args.skip_nonfinite,
-                             save_every_steps=args.save_every_steps)
+    settings = EpochSettings.for_run(args, LOSS_NAMES, meter_window=1, warmup_epochs=warmup_epochs,
+                                     counted_batches=True)
     skip_empty_fix = bool(config.get("grounding_skip_empty_fix", False))
     checkpointer = TrainingCheckpointer(args.output_dir, model_without_ddp, optimizer, scheduler, config, scaler,
                                         train_sampler, batch_size)

@@ -129,9 +129,8 @@ def main(args: argparse.Namespace) -> None:
 
     max_epoch = int(config["schedular"]["epochs"])
     warmup_epochs = int(config["schedular"].get("warmup_epochs", 0) or 0)
-    settings = EpochSettings(loss_names=("loss",), stats_format="{:.4f}", warmup_epochs=warmup_epochs,
-                             amp=args.amp, counted_batches=True, skip_nonfinite=args.skip_nonfinite,
-                             save_every_steps=args.save_every_steps)
+    settings = EpochSettings.for_run(args, ("loss",), stats_format="{:.4f}", warmup_epochs=warmup_epochs,
+                                     counted_batches=True)
     scaler = grad_scaler(device, args.amp)
     checkpointer = TrainingCheckpointer(args.output_dir, model_without_ddp, optimizer, scheduler, config, scaler,
                                         train_sampler, batch_size)

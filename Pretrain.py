@@ -103,11 +103,7 @@ def main(args: argparse.Namespace) -> None:
     tracker = Tracker(backend, args.output_dir, config)
     max_epoch = int(config["schedular"]["epochs"])
     warmup_epochs = int(config["schedular"].get("warmup_epochs", 0) or 0)
-    settings = EpochSettings(loss_names=LOSS_NAMES, warmup_epochs=warmup_epochs, amp=args.amp,
-                             counted_batches=True)
-
-    settings.skip_nonfinite = args.skip_nonfinite
-    settings.save_every_steps = args.save_every_steps
+    settings = EpochSettings.for_run(args, LOSS_NAMES, warmup_epochs=warmup_epochs, counted_batches=True)
 
     print("Start training")
     start_time = time.time()

@@ -108,9 +108,7 @@ def main(args: argparse.Namespace) -> None:
     # vision_proj, text_proj and temp get no gradient
     model, model_without_ddp = wrap_ddp(model, ctx, find_unused_parameters=True)
 
-    settings = EpochSettings(loss_names=("loss",), warmup_epochs=warmup_epochs, amp=args.amp,
-                             counted_batches=True, skip_nonfinite=args.skip_nonfinite,
-                             save_every_steps=args.save_every_steps)
+    settings = EpochSettings.for_run(args, ("loss",), warmup_epochs=warmup_epochs, counted_batches=True)
     step = make_step(model, tokenizer, device)
     tracker = Tracker(args.log_backend, args.output_dir, config)
     print("Start training")

@@ -99,9 +99,8 @@ def main(args: argparse.Namespace) -> None:
     del checkpoint
 
     tracker = Tracker(args.log_backend, args.output_dir, config)
-    settings = EpochSettings(loss_names=LOSS_NAMES, meter_window=1, warmup_epochs=warmup_epochs, amp=args.amp,
-                             counted_batches=True, skip_nonfinite=args.skip_nonfinite,
-                             save_every_steps=args.save_every_steps)
+    settings = EpochSettings.for_run(args, LOSS_NAMES, meter_window=1, warmup_epochs=warmup_epochs,
+                                     counted_batches=True)
 
     print("Start training")
     start_time = time.time()

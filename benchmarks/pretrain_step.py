@@ -1,13 +1,14 @@
 """Time one SIMLA pretraining step (forward of all five losses, backward, AdamW step).
 
 python benchmarks/pretrain_step.py --preset small [--device cpu] [--amp none|bf16|fp16]
-    [--grad_checkpointing] [--compile] [--batch_size 4] [--steps 5] [--json out.json]
+    [--grad_checkpointing] [--step_in_backward] [--compile] [--batch_size 4] [--steps 5] [--json out.json]
 
 Presets: ``tiny`` (the parity-fixture shape), ``small`` (ViT 256 wide x 6 at 128 px, 6-layer BERT
 256 wide with the 30522-token vocabulary) and ``base`` (the shipped Pretrain.yaml model, batch 2,
 queue 1024). Prints median seconds per step, samples per second, peak memory (process RSS on CPU,
-max allocated on GPU; also the part above the RSS right after imports) and, on GPU, model FLOPs
-utilisation, as JSON and as one summary line.
+max allocated on GPU; also the part above the RSS right after imports) and, on GPU (or on CPU with
+``--count_flops``), the FLOPs of a step counted by PyTorch's FlopCounterMode, the achieved FLOP/s and
+the model FLOPs utilisation, as JSON and as one summary line.
 """
 
 from __future__ import annotations
@@ -25,12 +26,14 @@ if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
 import torch  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from benchmarks.memory import peak_rss_mb, rss_mb  # noqa: E402
 from dataset.masking import MaskingGenerator  # noqa: E402
 from engine.precision import autocast, grad_scaler  # noqa: E402
 from models.simla.pretrain import SIMLA  # noqa: E402
 from optim import create_optimizer  # noqa: E402
+from optim.in_backward import StepInBackward  # noqa: E402
 
 PARITY_CONFIGS = os.path.join(REPO_ROOT, "tests", "data", "parity", "configs")
 
@@ -65,15 +68,17 @@ def make_batch(preset: dict, batch_size: int, device: torch.device, generator: t
     return image.to(device), text, codes.to(device), masked.to(device)
 
 
-def model_flops_per_step(model: SIMLA, batch: int, text_len: int, patches: int) -> float:
-    """Rough matmul FLOPs of one step (forward x3 for backward): 2 * params * tokens for each pass."""
-    vit = sum(p.numel() for p in model.visual_encoder.parameters())
-    bert = sum(p.numel() for p in model.text_encoder.bert.encoder.parameters())
-    img_tokens = patches + 1
-    # online: ViT x2 (plain + masked), BERT text + 3 fusion passes (pos, 2B neg) + MLM + MIM (image queries)
-    online = 2 * vit * img_tokens * 2 + 2 * bert * text_len * (1 + 1 + 2 + 1) + 2 * bert * img_tokens
-    momentum = 2 * vit * img_tokens * 2 + 2 * bert * text_len * 3 + 2 * bert * img_tokens
-    return batch * (3 * online + momentum)
+def count_step_flops(run_step) -> int:
+    """FLOPs of one forward + backward (matrix products and attention, as PyTorch's FlopCounterMode
+    counts them: 2 per multiply-add), measured by running ``run_step`` once under the counter."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        run_step()
+    return int(counter.get_total_flops())
+
+
+#: Dense peak FLOP/s per precision of the GPUs the MFU figure is quoted against (H100 SXM, H200).
+GPU_PEAK_FLOPS = {"none": 67e12, "bf16": 989e12, "fp16": 989e12}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -82,11 +87,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
     parser.add_argument("--grad_checkpointing", action="store_true")
+    parser.add_argument("--step_in_backward", action="store_true",
+                        help="update each parameter during backward and free its gradient (as the scripts' flag)")
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--batch_size", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 5, base 3)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--count_flops", action="store_true",
+                        help="count the FLOPs of one step (an extra, untimed step; always done on GPU) and "
+                             "report GFLOP per step, achieved TFLOP/s and, on GPU, MFU")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
     if args.threads:
@@ -104,6 +114,9 @@ def main(argv: list[str] | None = None) -> dict:
     model = SIMLA(tokenizer=tokenizer, config=config).to(device).train()
     optimizer = create_optimizer({"opt": "adamW", "lr": 1e-4, "weight_decay": 0.02}, model)
     scaler = grad_scaler(device, args.amp)
+    if args.step_in_backward and scaler.is_enabled():
+        parser.error("--step_in_backward cannot be combined with --amp fp16")
+    stepper = StepInBackward(optimizer) if args.step_in_backward else None
     forward = torch.compile(model) if args.compile else model
     generator = torch.Generator().manual_seed(0)
     batch = make_batch(preset, batch_size, device, generator)
@@ -116,6 +129,10 @@ def main(argv: list[str] | None = None) -> dict:
             losses = forward(image, text, visual_token_ids=codes, masked_visual_token_pos=masked,
                              masked_visual_tok_labels=labels, alpha=0.4)
         total = sum(losses)
+        if stepper is not None:
+            with stepper.active():
+                total.backward()
+            return float(total.detach())
         scaler.scale(total).backward()
         scaler.step(optimizer)
         scaler.update()
@@ -136,25 +153,30 @@ def main(argv: list[str] | None = None) -> dict:
     params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     result = {
         "what": "pretraining step", "preset": args.preset, "device": str(device), "amp": args.amp,
-        "grad_checkpointing": args.grad_checkpointing, "compile": args.compile, "batch_size": batch_size,
+        "grad_checkpointing": args.grad_checkpointing, "step_in_backward": args.step_in_backward,
+        "compile": args.compile, "batch_size": batch_size,
         "params_millions": round(params / 1e6, 2), "threads": torch.get_num_threads(),
         "median_s_per_step": round(median, 4), "samples_per_s": round(batch_size / median, 2),
         "steps": [round(t, 4) for t in times],
     }
     if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated() / 2**20
-        result["peak_gpu_mb"] = round(peak, 1)
-        flops = model_flops_per_step(model, batch_size, text.input_ids.shape[1], (preset["image_res"] // 16) ** 2)
-        dtype_peak = {"none": 67e12, "bf16": 989e12, "fp16": 989e12}[args.amp]  # H100 SXM dense
-        result["model_tflops_per_s"] = round(flops / median / 1e12, 2)
-        result["mfu_vs_h100_peak"] = round(flops / median / dtype_peak, 4)
+        result["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     result["peak_rss_mb"] = round(peak_rss_mb(), 1)
     result["rss_after_imports_mb"] = round(after_imports, 1)
     result["peak_rss_above_imports_mb"] = round(peak_rss_mb() - after_imports, 1)
+    if args.count_flops or device.type == "cuda":
+        flops = count_step_flops(step)
+        result["gflop_per_step"] = round(flops / 1e9, 2)
+        result["achieved_tflops_per_s"] = round(flops / median / 1e12, 3)
+        if device.type == "cuda":
+            result["mfu"] = round(flops / median / GPU_PEAK_FLOPS[args.amp], 4)
     print(json.dumps(result, indent=2))
     print(f"{args.preset}, batch {batch_size}, {device}, amp {args.amp}: median {result['median_s_per_step']} s/step "
           f"({result['samples_per_s']} samples/s) over {steps} steps; peak RSS {result['peak_rss_mb']} MB, "
-          f"{result['peak_rss_above_imports_mb']} MB above the RSS after imports ({result['rss_after_imports_mb']} MB)")
+          f"{result['peak_rss_above_imports_mb']} MB above the RSS after imports ({result['rss_after_imports_mb']} MB)"
+          + (f"; {result['gflop_per_step']} GFLOP/step, {result['achieved_tflops_per_s']} TFLOP/s"
+             if "gflop_per_step" in result else "")
+          + (f", MFU {result['mfu']:.1%} (of {GPU_PEAK_FLOPS[args.amp] / 1e12:.0f} TFLOP/s)" if "mfu" in result else ""))
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(result, handle, indent=2)

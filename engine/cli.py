@@ -11,8 +11,8 @@ def base_parser(description: str, default_config: str, default_output_dir: str,
                 training: bool = True) -> argparse.ArgumentParser:
     """The original flags with their defaults; boolean flags accept true/false/1/0/yes/no.
 
-    ``training`` adds the flags of scripts that train: ``--resume``, ``--save_every_steps`` and
-    ``--skip_nonfinite``.
+    ``training`` adds the flags of scripts that train: ``--resume``, ``--save_every_steps``,
+    ``--skip_nonfinite`` and ``--step_in_backward``.
     """
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", default=default_config, help="YAML config file")
@@ -48,4 +48,7 @@ def base_parser(description: str, default_config: str, default_output_dir: str,
                              "--resume from it continues at the next step with the same data order")
     parser.add_argument("--skip_nonfinite", action="store_true",
                         help="skip (and count) a step whose loss is NaN or infinite instead of stopping")
+    parser.add_argument("--step_in_backward", action="store_true",
+                        help="update each parameter as soon as backward has its gradient and free that gradient "
+                             "(same updates, less memory; one process, AdamW/Adam/SGD, not with --amp fp16)")
     return parser

@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from engine.precision import autocast
+from optim.in_backward import StepInBackward
 from scheduler import warmup_step
 from utils import MetricLogger, SmoothedValue, is_dist_avail_and_initialized
 
@@ -35,6 +36,14 @@ class EpochSettings:
     counted_batches: bool = False  # the loader yields (batch, num_failed) from SafeCollate
     skip_nonfinite: bool = False  # skip and count a step with a NaN/inf loss instead of stopping
     save_every_steps: int = 0  # call ``save_step`` after every N-th step of the epoch
+    step_in_backward: bool = False  # apply the optimizer update during backward (optim.in_backward)
+
+    @classmethod
+    def for_run(cls, args: Any, loss_names: tuple[str, ...], **task: Any) -> EpochSettings:
+        """The settings of a training script: the task's own values plus the run's command-line options
+        (``--amp``, ``--skip_nonfinite``, ``--save_every_steps``, ``--step_in_backward``)."""
+        return cls(loss_names=loss_names, amp=args.amp, skip_nonfinite=args.skip_nonfinite,
+                   save_every_steps=args.save_every_steps, step_in_backward=args.step_in_backward, **task)
 
 
 def _everyone(condition: bool, device: torch.device) -> bool:
@@ -51,40 +60,33 @@ def _all_finite(values: Mapping[str, float], device: torch.device) -> bool:
     return _everyone(all(math.isfinite(v) for v in values.values()), device)
 
 
+def _optimizer_stepper(optimizer: torch.optim.Optimizer, settings: EpochSettings,
+                       scaler: torch.amp.GradScaler | None) -> StepInBackward | None:
+    """The hooks of ``--step_in_backward`` (None when it is off); refuses the set-ups it cannot serve."""
+    if not settings.step_in_backward:
+        return None
+    if is_dist_avail_and_initialized():
+        raise ValueError("--step_in_backward needs a single process: with several, gradients are averaged "
+                         "over processes after backward, before any update")
+    if scaler is not None and scaler.is_enabled():
+        raise ValueError("--step_in_backward cannot be combined with --amp fp16 (the loss scaler checks every "
+                         "gradient before the update); use --amp bf16 or none")
+    return StepInBackward(optimizer)
+
+
 def _buffers_snapshot(model: torch.nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
     # queues and their pointers change in the forward pass; a skipped step must not keep what it enqueued
     module = getattr(model, "module", model)
     return [(buffer, buffer.detach().clone()) for buffer in module.buffers()]
 
 
-def train_one_epoch(model: torch.nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, scheduler: Any,
-                    epoch: int, device: torch.device,
-                    step_fn: Callable[[Any, int, int], Mapping[str, torch.Tensor]], settings: EpochSettings,
-                    scaler: torch.amp.GradScaler | None = None, sampler: Any = None,
-                    on_step: Callable[[int, Mapping[str, float], torch.nn.Module], None] | None = None,
-                    start_step: int = 0, save_step: Callable[[int], None] | None = None,
-                    ) -> dict[str, str]:
-    """Run one epoch: for each batch ``step_fn(batch, i, num_batches)`` returns the named losses,
-    whose sum is back-propagated; the LR warm-up steps inside epoch 0 as the original.
-
-    Loaders built with :class:`dataset.collate.SafeCollate` yield ``(batch, num_failed)``: failed
-    samples are counted in the ``skipped`` meter and a batch in which every sample failed is skipped.
-
-    ``start_step`` continues an epoch from a mid-epoch checkpoint (the sampler must already start at
-    that batch); ``save_step(next_step)`` is called after every ``settings.save_every_steps``-th step.
-    A NaN or infinite loss raises :class:`NonFiniteLossError` naming the step and every loss value,
-    or, with ``settings.skip_nonfinite``, drops that step (no update; queues restored) and counts it.
-    """
-    model.train()
-    logger = MetricLogger(delimiter="  ")
-    logger.add_meter("lr", SmoothedValue(window_size=settings.meter_window, fmt="{value:.6f}"))
-    for name in settings.loss_names:
-        logger.add_meter(name, SmoothedValue(window_size=settings.meter_window, fmt="{value:.4f}"))
-    for name, fmt in settings.extra_meters.items():
-        logger.add_meter(name, SmoothedValue(window_size=settings.meter_window, fmt=fmt))
-    if sampler is not None and hasattr(sampler, "set_epoch"):
-        sampler.set_epoch(epoch)
-    num_batches = len(loader)
+def _run_steps(model: torch.nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, scheduler: Any,
+               epoch: int, device: torch.device, step_fn: Callable[[Any, int, int], Mapping[str, torch.Tensor]],
+               settings: EpochSettings, scaler: torch.amp.GradScaler | None, stepper: StepInBackward | None,
+               logger: MetricLogger, on_step: Callable[[int, Mapping[str, float], torch.nn.Module], None] | None,
+               start_step: int, save_step: Callable[[int], None] | None, num_batches: int) -> tuple[int, int]:
+    """The steps of one epoch (see :func:`train_one_epoch`); returns the unreadable samples and the skipped
+    steps of this process."""
     skipped_samples = 0
     skipped_steps = 0
     header = settings.header.format(epoch=epoch)
@@ -130,6 +132,9 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable, optimizer: torch.o
             scaler.scale(total).backward()
             scaler.step(optimizer)
             scaler.update()
+        elif stepper is not None:
+            with stepper.active():
+                total.backward()
         else:
             total.backward()
             optimizer.step()
@@ -141,6 +146,45 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable, optimizer: torch.o
         if save_step is not None and settings.save_every_steps > 0 and (i + 1) % settings.save_every_steps == 0 \
                 and i + 1 < num_batches:
             save_step(i + 1)
+    return skipped_samples, skipped_steps
+
+
+def train_one_epoch(model: torch.nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, scheduler: Any,
+                    epoch: int, device: torch.device,
+                    step_fn: Callable[[Any, int, int], Mapping[str, torch.Tensor]], settings: EpochSettings,
+                    scaler: torch.amp.GradScaler | None = None, sampler: Any = None,
+                    on_step: Callable[[int, Mapping[str, float], torch.nn.Module], None] | None = None,
+                    start_step: int = 0, save_step: Callable[[int], None] | None = None,
+                    ) -> dict[str, str]:
+    """Run one epoch: for each batch ``step_fn(batch, i, num_batches)`` returns the named losses,
+    whose sum is back-propagated; the LR warm-up steps inside epoch 0 as the original.
+
+    Loaders built with :class:`dataset.collate.SafeCollate` yield ``(batch, num_failed)``: failed
+    samples are counted in the ``skipped`` meter and a batch in which every sample failed is skipped.
+
+    ``start_step`` continues an epoch from a mid-epoch checkpoint (the sampler must already start at
+    that batch); ``save_step(next_step)`` is called after every ``settings.save_every_steps``-th step.
+    A NaN or infinite loss raises :class:`NonFiniteLossError` naming the step and every loss value,
+    or, with ``settings.skip_nonfinite``, drops that step (no update; queues restored) and counts it.
+    """
+    model.train()
+    logger = MetricLogger(delimiter="  ")
+    logger.add_meter("lr", SmoothedValue(window_size=settings.meter_window, fmt="{value:.6f}"))
+    for name in settings.loss_names:
+        logger.add_meter(name, SmoothedValue(window_size=settings.meter_window, fmt="{value:.4f}"))
+    for name, fmt in settings.extra_meters.items():
+        logger.add_meter(name, SmoothedValue(window_size=settings.meter_window, fmt=fmt))
+    if sampler is not None and hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
+    num_batches = len(loader)
+    stepper = _optimizer_stepper(optimizer, settings, scaler)
+    try:
+        skipped_samples, skipped_steps = _run_steps(
+            model, loader, optimizer, scheduler, epoch, device, step_fn, settings, scaler, stepper, logger,
+            on_step, start_step, save_step, num_batches)
+    finally:
+        if stepper is not None:
+            stepper.remove()
     logger.synchronize_between_processes()
     if is_dist_avail_and_initialized():
         # unreadable samples are counted where they were read; the log reports the whole job

@@ -4,13 +4,17 @@ PyTorch's fused ``scaled_dot_product_attention`` is used whenever neither the at
 nor dropout on them are needed. Otherwise (a caller reads the probabilities: keyword pseudo-labels,
 ``output_attentions``, Grad-CAM; or attention dropout in training) the softmax is written out, scaling
 the scores after the product as BERT does. The fused kernel would fall back to that computation for
-dropout anyway, with a few more operations; the dropout draws are the same, in the same order.
+dropout anyway, with a few more operations; the dropout draws are the same, in the same order. The
+dropout and the product with the values are one operation (:func:`models.lean_autograd.dropout_matmul`)
+that, on CPU, keeps a one-byte mask instead of the noise and the dropped probabilities for backward.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from models.lean_autograd import dropout_matmul
 
 
 def _mask_for(scores_dtype: torch.dtype, mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -41,8 +45,7 @@ def attention(
     if mask is not None:
         scores = scores + mask
     probs = scores.softmax(dim=-1)
-    dropped = F.dropout(probs, p=dropout_p) if dropout_p > 0 else probs
-    context = torch.matmul(dropped, value)
+    context = dropout_matmul(probs, value, dropout_p) if dropout_p > 0 else torch.matmul(probs, value)
     return context, (probs if need_probs else None)
 
 

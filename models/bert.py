@@ -27,6 +27,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import BertConfig
 
 from models.attention import attention, merge_heads, split_heads
+from models.lean_autograd import LeanDropout, gelu_linear, has_module_hooks
 
 SELF_ATTENTION_MASK_VALUE = -10000.0
 KeyValue = tuple[torch.Tensor, torch.Tensor]
@@ -103,7 +104,7 @@ class BertEmbeddings(nn.Module):
         else:
             self.token_type_embeddings = None
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = LeanDropout(config.hidden_dropout_prob)
         self.register_buffer("position_ids", torch.arange(config.max_position_embeddings).expand((1, -1)),
                              persistent=True)
 
@@ -177,7 +178,7 @@ class BertSelfOutput(nn.Module):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = LeanDropout(config.hidden_dropout_prob)
 
     def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
         return self.LayerNorm(self.dropout(self.dense(hidden_states)) + input_tensor)
@@ -214,10 +215,14 @@ class BertOutput(nn.Module):
         super().__init__()
         self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = LeanDropout(config.hidden_dropout_prob)
 
     def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(self.dropout(self.dense(hidden_states)) + input_tensor)
+        return self.add_and_norm(self.dense(hidden_states), input_tensor)
+
+    def add_and_norm(self, projected: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
+        """The part after ``dense``: dropout, residual sum and layer norm."""
+        return self.LayerNorm(self.dropout(projected) + input_tensor)
 
 
 class BertLayer(nn.Module):
@@ -255,8 +260,17 @@ class BertLayer(nn.Module):
                                  f"(mode={mode!r})")
             hidden_states, cross_probs = self.crossattention(
                 hidden_states, encoder_attention_mask, encoder_hidden_states, output_attentions, encoder_kv)
-        hidden_states = self.output(self.intermediate(hidden_states), hidden_states)
-        return hidden_states, self_probs, cross_probs
+        return self.feed_forward(hidden_states), self_probs, cross_probs
+
+    def feed_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """``output(intermediate(x), x)``; with GELU, ``output.dense(gelu(...))`` is one
+        :func:`~models.lean_autograd.gelu_linear` (backward keeps the GELU input only), same numbers."""
+        act = self.intermediate.intermediate_act_fn
+        if not isinstance(act, nn.GELU) or has_module_hooks(self.intermediate, act, self.output):
+            return self.output(self.intermediate(hidden_states), hidden_states)
+        pre_activation = self.intermediate.dense(hidden_states)
+        projected = gelu_linear(pre_activation, self.output.dense, act.approximate)
+        return self.output.add_and_norm(projected, hidden_states)
 
 
 class BertEncoder(nn.Module):

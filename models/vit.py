@@ -19,6 +19,7 @@ from timm.layers import DropPath, Mlp, PatchEmbed, trunc_normal_
 from torch.utils.checkpoint import checkpoint
 
 from models.attention import attention, merge_heads
+from models.lean_autograd import LeanDropout, gelu_linear, has_module_hooks
 
 DEIT_BASE_URL = "https://dl.fbaipublicfiles.com/deit/deit_base_patch16_224-b5f2ef4d.pth"
 
@@ -33,7 +34,7 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.attn_drop = attn_drop
         self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
+        self.proj_drop = LeanDropout(proj_drop)
         self.attention_map: torch.Tensor | None = None
         self.attn_gradients: torch.Tensor | None = None
 
@@ -59,6 +60,28 @@ class Attention(nn.Module):
         return self.proj_drop(self.proj(merge_heads(context)))
 
 
+class LeanMlp(Mlp):
+    """timm's ``Mlp`` (same ``fc1``/``fc2`` parameters) whose ``fc2(gelu(...))`` is one
+    :func:`~models.lean_autograd.gelu_linear`: backward keeps the GELU input, not its output. That
+    applies with the GELU activation, no hidden norm and no active dropout between the two layers;
+    otherwise the computation is timm's. Same numbers either way."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.drop1 = LeanDropout(self.drop1.p)
+        self.drop2 = LeanDropout(self.drop2.p)
+
+    def _gelu_then_fc2(self) -> bool:
+        return (isinstance(self.act, nn.GELU) and isinstance(self.norm, nn.Identity)
+                and isinstance(self.fc2, nn.Linear) and (self.drop1.p == 0 or not self.training)
+                and not has_module_hooks(self.act, self.drop1, self.norm))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._gelu_then_fc2():
+            return super().forward(x)
+        return self.drop2(gelu_linear(self.fc1(x), self.fc2, self.act.approximate))
+
+
 class Block(nn.Module):
     """Pre-norm transformer block."""
 
@@ -71,7 +94,8 @@ class Block(nn.Module):
         self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop)
+        self.mlp = LeanMlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=nn.GELU,
+                           drop=drop)
 
     def forward(self, x: torch.Tensor, register_hook: bool = False) -> torch.Tensor:
         x = x + self.drop_path(self.attn(self.norm1(x), register_hook=register_hook))
@@ -94,7 +118,7 @@ class VisionTransformer(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
         self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if mask_token else None
-        self.pos_drop = nn.Dropout(p=drop_rate)
+        self.pos_drop = LeanDropout(p=drop_rate)
         rates = [drop_path_rate * i / (depth - 1) if depth > 1 else 0.0 for i in range(depth)]
         self.blocks = nn.ModuleList(
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias, drop_rate, attn_drop_rate, rates[i])

@@ -262,6 +262,22 @@ def test_single_process_epoch_then_resume(single_run, small_demo_data, tmp_path)
     assert len(read_log(resumed)) == 2
 
 
+def test_step_in_backward_trains_the_same_weights(single_run, small_demo_data, tmp_path):
+    """--step_in_backward applies each update during backward: bitwise the same training, same files."""
+    _, output = single_run
+    output_dir = tmp_path / "in_backward"
+    _, in_backward = pretrain("single", small_demo_data, output_dir, 1, "--step_in_backward")
+    check_first_epoch(output_dir, in_backward, processes=1)
+    assert printed_fingerprint(in_backward, 1) == printed_fingerprint(output, 1)
+
+
+def test_step_in_backward_refuses_several_processes(small_demo_data, tmp_path):
+    code, output = pretrain("torchrun", small_demo_data, tmp_path / "refused", 1, "--step_in_backward",
+                            expect_success=False)
+    assert code != 0
+    assert "--step_in_backward needs a single process" in output
+
+
 @pytest.mark.parametrize("how", ["launch", "torchrun"])
 def test_two_processes_epoch_then_resume(how, two_process_run, small_demo_data, tmp_path):
     output_dir, output = two_process_run(how)

@@ -1,0 +1,276 @@
+"""Autograd operations that keep less for backward and compute the very same numbers.
+
+Three spots of a training step keep large activations that backward can cheaply rebuild:
+
+* dropout on CPU keeps its float ``noise`` tensor (``F.dropout`` draws ``bernoulli_`` into a tensor like
+  the input, scales it by ``1 / (1 - p)`` and multiplies); :func:`dropout` keeps a one-byte mask of the
+  kept entries and rebuilds ``noise`` from it with the same operations;
+* attention dropout followed by the product with the values keeps the noise and the dropped
+  probabilities; :func:`dropout_matmul` keeps the probabilities (which the softmax keeps anyway), the
+  mask and the values, and recomputes the dropped probabilities in backward;
+* ``linear(gelu(h))`` keeps both ``h`` and ``gelu(h)``; :func:`gelu_linear` keeps ``h`` and recomputes
+  the activation in backward.
+
+Forward draws the same random numbers with the same calls, and backward runs the operations autograd
+runs for the plain computation (the ``bmm``, ``addmm`` and ``gelu`` derivative formulas, with the same
+reshapes), so outputs, gradients and the generator state are bitwise those of the plain code.
+
+The lean operations run on CPU tensors that need a gradient, in eager mode; elsewhere (CUDA, whose
+fused dropout already keeps a bool mask; ``torch.compile``, whose partitioner chooses what to keep;
+no gradient; autocast where the plain product would cast its inputs) the plain computation runs.
+:func:`use_lean_activations` switches them off (and on) for a block of code, e.g. to compare the two
+paths; the setting is read when forward runs, so with gradient checkpointing (which reruns forward
+during backward) keep it the same through the backward call.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+_enabled = True
+
+
+def lean_activations_enabled() -> bool:
+    """Whether the lean operations are switched on (the default)."""
+    return _enabled
+
+
+@contextmanager
+def use_lean_activations(enabled: bool) -> Iterator[None]:
+    """Switch the lean operations on or off inside the ``with`` block (the previous setting comes back
+    afterwards). With them off, every function here runs the plain PyTorch computation."""
+    global _enabled
+    previous, _enabled = _enabled, bool(enabled)
+    try:
+        yield
+    finally:
+        _enabled = previous
+
+
+def _lean_on_cpu(*tensors: torch.Tensor) -> bool:
+    """Lean operations apply: switched on, eager mode, gradient recording, CPU tensors, one needs grad."""
+    return (_enabled and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and all(t.device.type == "cpu" for t in tensors) and any(t.requires_grad for t in tensors))
+
+
+def has_module_hooks(*modules: nn.Module) -> bool:
+    """Whether forward or backward hooks are registered on any of ``modules`` or on all modules: a lean
+    path that does a module's work without calling it would skip them, so it then stays plain."""
+    registry = nn.modules.module
+    if (registry._global_forward_hooks or registry._global_forward_pre_hooks
+            or registry._global_backward_hooks or registry._global_backward_pre_hooks):
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+               for m in modules)
+
+
+def _active_dropout(p: float, training: bool) -> bool:
+    """Dropout that draws random numbers and scales (``p`` strictly between 0 and 1, training)."""
+    return training and 0.0 < p < 1.0
+
+
+# --- dropout --------------------------------------------------------------------------------------------
+
+
+def _draw_noise(like: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scaled ``noise`` of CPU ``F.dropout`` for ``like`` and the bool mask of its non-zero entries.
+
+    The draw is the one ``F.dropout`` makes: ``bernoulli_`` into ``empty_like(like)`` (same shape, dtype
+    and strides, so the same random numbers in the same order), then an in-place division by ``1 - p``.
+    """
+    noise = torch.empty_like(like).bernoulli_(1 - p)
+    keep = noise.bool()
+    return noise.div_(1 - p), keep
+
+
+def _noise_from(keep: torch.Tensor, dtype: torch.dtype, p: float) -> torch.Tensor:
+    """Rebuild the scaled noise from its mask: the same 0/1 values, divided the same way."""
+    return keep.to(dtype).div_(1 - p)
+
+
+class _MaskedDropout(torch.autograd.Function):
+    """``x * noise`` as CPU ``F.dropout`` computes it, keeping a one-byte mask instead of ``noise``."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:
+        noise, keep = _draw_noise(x, p)
+        ctx.p, ctx.dtype = p, x.dtype
+        ctx.save_for_backward(keep)
+        return x * noise
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, None]:
+        (keep,) = ctx.saved_tensors
+        # the derivative of a product with a constant factor: grad * noise
+        return grad * _noise_from(keep, ctx.dtype, ctx.p), None
+
+
+def dropout(x: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> torch.Tensor:
+    """``F.dropout(x, p, training, inplace)`` with the same values and random draws; on CPU, when ``x``
+    needs a gradient, backward keeps a one-byte mask instead of a float noise tensor."""
+    if not inplace and _active_dropout(p, training) and _lean_on_cpu(x) and x.numel() > 0:
+        return _MaskedDropout.apply(x, p)
+    return F.dropout(x, p, training, inplace)
+
+
+class LeanDropout(nn.Dropout):
+    """``nn.Dropout`` (same ``p``/``inplace`` attributes, no state) that runs :func:`dropout`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dropout(x, self.p, self.training, self.inplace)
+
+
+# --- attention: dropout(probs) @ value ---------------------------------------------------------------
+
+
+def _batched(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with its batch dimensions folded into one, as ``torch.matmul`` folds it for ``bmm``
+    (a view when the layout allows, a contiguous copy otherwise)."""
+    return x.reshape(math.prod(x.shape[:-2]), x.shape[-2], x.shape[-1])
+
+
+def _keeps_value(value: torch.Tensor) -> bool:
+    """Keep ``value`` itself for backward when that holds no more memory than its folded copy: then its
+    storage is no larger than it, and passes sharing one value tensor share what they keep."""
+    return value.untyped_storage().nbytes() <= value.numel() * value.element_size()
+
+
+class _DropoutMatmul(torch.autograd.Function):
+    """``torch.matmul(F.dropout(probs, p), value)`` for same-shaped batch dimensions, on CPU.
+
+    Keeps ``probs`` (the softmax output, which softmax backward keeps too), the one-byte mask and the
+    values; the dropped probabilities are recomputed in backward. The gradients are autograd's ``bmm``
+    and product formulas on the same folded tensors.
+    """
+
+    @staticmethod
+    def forward(ctx, probs: torch.Tensor, value: torch.Tensor, p: float) -> torch.Tensor:
+        noise, keep = _draw_noise(probs, p)
+        dropped = probs * noise
+        del noise
+        value3d = _batched(value)
+        out = torch.bmm(_batched(dropped), value3d)
+        ctx.p, ctx.dtype, ctx.value_shape = p, probs.dtype, value.shape
+        ctx.keeps_value = _keeps_value(value)
+        ctx.save_for_backward(probs, keep, value if ctx.keeps_value else value3d)
+        return out.view(*probs.shape[:-1], value.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        probs, keep, kept_value = ctx.saved_tensors
+        noise = _noise_from(keep, ctx.dtype, ctx.p)
+        grad3d = _batched(grad)
+        grad_probs = grad_value = None
+        if ctx.needs_input_grad[0]:
+            value3d = _batched(kept_value) if ctx.keeps_value else kept_value
+            grad_dropped = grad3d.bmm(value3d.transpose(1, 2)).reshape(probs.shape)
+            grad_probs = grad_dropped * noise
+        if ctx.needs_input_grad[1]:
+            dropped3d = _batched(probs * noise)
+            grad_value = dropped3d.transpose(1, 2).bmm(grad3d).reshape(ctx.value_shape)
+        return grad_probs, grad_value, None
+
+
+def _matmul_without_casts(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """``torch.matmul(a, b)`` would run on the tensors as they are: same dtype, and under autocast
+    already the autocast dtype."""
+    device = a.device.type
+    if a.dtype != b.dtype:
+        return False
+    return not torch.is_autocast_enabled(device) or a.dtype == torch.get_autocast_dtype(device)
+
+
+def dropout_matmul(probs: torch.Tensor, value: torch.Tensor, p: float) -> torch.Tensor:
+    """``torch.matmul(F.dropout(probs, p), value)`` (dropout in training mode), bitwise, keeping less for
+    backward on CPU: :class:`_DropoutMatmul` for ``(..., L, S) @ (..., S, D)`` with equal batch
+    dimensions, else the masked :func:`dropout` and ``torch.matmul``."""
+    fused = (_active_dropout(p, True) and _lean_on_cpu(probs, value) and probs.dim() >= 3
+             and probs.shape[:-2] == value.shape[:-2] and probs.shape[-1] == value.shape[-2]
+             and probs.numel() > 0 and value.numel() > 0 and _matmul_without_casts(probs, value))
+    if fused:
+        return _DropoutMatmul.apply(probs, value, p)
+    return torch.matmul(dropout(probs, p), value)
+
+
+# --- linear(gelu(h)) -------------------------------------------------------------------------------------
+
+
+def _mm_mat1_backward(grad: torch.Tensor, mat2: torch.Tensor, mat1: torch.Tensor) -> torch.Tensor:
+    """Gradient of ``mat1`` in ``mat1 @ mat2`` as autograd's ``mm``/``addmm`` derivative computes it
+    (a column-major ``mat1`` gets a column-major gradient)."""
+    rows = mat1.shape[0]
+    if mat1.stride(0) == 1 and mat1.stride(1) == rows:
+        return mat2.mm(grad.t()).t()
+    return grad.mm(mat2.t())
+
+
+def _mm_mat2_backward(grad: torch.Tensor, mat1: torch.Tensor, mat2: torch.Tensor) -> torch.Tensor:
+    """Gradient of ``mat2`` in ``mat1 @ mat2`` as autograd's ``mm``/``addmm`` derivative computes it."""
+    rows = mat2.shape[0]
+    if mat2.stride(0) == 1 and mat2.stride(1) == rows:
+        return grad.t().mm(mat1).t()
+    return mat1.t().mm(grad)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as the 2-D matrix ``F.linear`` hands to ``addmm`` (leading dimensions folded)."""
+    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
+
+
+class _GeluLinear(torch.autograd.Function):
+    """``F.linear(F.gelu(h), weight, bias)`` that keeps ``h`` (not ``gelu(h)``) for backward.
+
+    Backward recomputes ``gelu(h)`` and applies autograd's ``addmm`` derivative (input gradient
+    ``grad @ weight``, weight gradient as the transposed product ``grad^T @ a``, bias gradient summed
+    over the rows) and the ``gelu_backward`` kernel, on the 2-D views ``F.linear`` uses.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                approximate: str) -> torch.Tensor:
+        ctx.approximate = approximate
+        ctx.save_for_backward(hidden, weight)
+        return F.linear(F.gelu(hidden, approximate=approximate), weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        hidden, weight = ctx.saved_tensors
+        activated = _rows(F.gelu(hidden, approximate=ctx.approximate))
+        grad2d = grad.reshape(activated.shape[0], weight.shape[0])
+        grad_hidden = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_activated = _mm_mat1_backward(grad2d, weight.t(), activated).reshape(hidden.shape)
+            grad_hidden = torch.ops.aten.gelu_backward(grad_activated, hidden, approximate=ctx.approximate)
+        if ctx.needs_input_grad[1]:
+            grad_weight = _mm_mat2_backward(grad2d, activated, weight.t()).t()
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad2d.sum(0, keepdim=True).view(weight.shape[0])
+        return grad_hidden, grad_weight, grad_bias, None
+
+
+def _gelu_linear_fits(hidden: torch.Tensor, linear: nn.Linear) -> bool:
+    """``F.linear`` would run one ``addmm`` on ``gelu(hidden)`` (a contiguous input of at least two
+    dimensions, a bias), outside autocast (whose cached weight casts the lean path would not share), and
+    ``linear`` has no hooks."""
+    weight, bias = linear.weight, linear.bias
+    return (not has_module_hooks(linear) and bias is not None and bias.dim() == 1 and weight.dim() == 2
+            and hidden.dim() >= 2 and hidden.is_contiguous()
+            and hidden.layout == torch.strided and weight.layout == torch.strided
+            and hidden.numel() > 0 and hidden.dtype == weight.dtype == bias.dtype
+            and not torch.is_autocast_enabled(hidden.device.type))
+
+
+def gelu_linear(hidden: torch.Tensor, linear: nn.Linear, approximate: str = "none") -> torch.Tensor:
+    """``linear(F.gelu(hidden, approximate=approximate))``, bitwise; on CPU, backward keeps ``hidden``
+    only and recomputes the activation (:class:`_GeluLinear`). The GELU is applied as ``F.gelu``; a
+    caller that replaces an activation module by it checks that module's hooks
+    (:func:`has_module_hooks`)."""
+    if _gelu_linear_fits(hidden, linear) and _lean_on_cpu(hidden, linear.weight, linear.bias):
+        return _GeluLinear.apply(hidden, linear.weight, linear.bias, approximate)
+    return linear(F.gelu(hidden, approximate=approximate))

@@ -1,0 +1,106 @@
+"""Optimizer updates applied during the backward pass, so that gradients never all exist at once.
+
+A normal step keeps every parameter's gradient alive until ``optimizer.step()`` after backward: for the
+pretraining model that is one extra copy of all trainable weights at the memory peak. With
+:class:`StepInBackward` a parameter is updated as soon as autograd has finished accumulating its
+gradient (``register_post_accumulate_grad_hook``) and the gradient is freed right after; parameters
+are updated in buckets of about ``bucket_mb`` to keep the per-call overhead small.
+
+The update of each parameter is the one ``optimizer.step()`` would make: the optimizers allowed here
+(:data:`SUPPORTED`) update every parameter independently from its own gradient and state, with the
+hyper-parameters of its group, and the same kernel runs on fewer tensors per call. The optimizer object
+(state, ``param_groups``, ``state_dict()``) is the ordinary one, so checkpoints are unchanged.
+
+It cannot be combined with anything that needs all gradients before the update: distributed data
+parallel (gradients are averaged over processes after backward), fp16 loss scaling (the scaler checks
+every gradient for inf/NaN first), gradient clipping or accumulation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+#: Optimizer classes whose update of a parameter depends only on that parameter's gradient and state.
+SUPPORTED: tuple[type[torch.optim.Optimizer], ...] = (torch.optim.AdamW, torch.optim.Adam, torch.optim.SGD)
+
+
+class StepInBackward:
+    """Hooks that apply ``optimizer``'s update to each parameter while backward runs (see module doc).
+
+    Use::
+
+        stepper = StepInBackward(optimizer)
+        with stepper.active():
+            loss.backward()          # parameters are updated here, their gradients freed
+        ...
+        stepper.remove()             # detach the hooks when training is over
+
+    Outside :meth:`active` the hooks do nothing and gradients accumulate as usual.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, bucket_mb: float = 16.0) -> None:
+        if type(optimizer) not in SUPPORTED:
+            names = ", ".join(cls.__name__ for cls in SUPPORTED)
+            raise ValueError(f"step_in_backward supports the optimizers {names}; got {type(optimizer).__name__} "
+                             "(its update may read more than one parameter's gradient)")
+        self.optimizer = optimizer
+        self.bucket_bytes = int(bucket_mb * 2**20)
+        self._enabled = False
+        self._pending: dict[int, list[torch.Tensor]] = {}
+        self._pending_bytes = 0
+        self._handles = []
+        seen: set[int] = set()
+        for index, group in enumerate(optimizer.param_groups):
+            for param in group["params"]:
+                if id(param) in seen or not param.requires_grad:
+                    continue
+                seen.add(id(param))
+                self._handles.append(param.register_post_accumulate_grad_hook(self._hook_for(index)))
+
+    def _hook_for(self, group_index: int):
+        def hook(param: torch.Tensor) -> None:
+            if not self._enabled:
+                return
+            self._pending.setdefault(group_index, []).append(param)
+            self._pending_bytes += param.numel() * param.element_size()
+            if self._pending_bytes >= self.bucket_bytes:
+                self.flush()
+        return hook
+
+    def flush(self) -> None:
+        """Update the parameters whose gradients are complete and not yet applied, then free those gradients."""
+        if not self._pending:
+            return
+        groups = self.optimizer.param_groups
+        partial = [dict(groups[index], params=params) for index, params in sorted(self._pending.items())]
+        self.optimizer.param_groups = partial
+        try:
+            self.optimizer.step()
+        finally:
+            self.optimizer.param_groups = groups
+            for params in self._pending.values():
+                for param in params:
+                    param.grad = None
+            self._pending = {}
+            self._pending_bytes = 0
+
+    @contextmanager
+    def active(self) -> Iterator[None]:
+        """Apply updates during the backward passes run inside this block (and any left at its end)."""
+        self._enabled = True
+        try:
+            yield
+            self.flush()
+        finally:
+            self._enabled = False
+            self._pending = {}
+            self._pending_bytes = 0
+
+    def remove(self) -> None:
+        """Detach the hooks from the parameters."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
