@@ -28,15 +28,14 @@ from engine.checkpoint import read_checkpoint
 from engine.cli import base_parser
 from engine.grounding_eval import check_evaluation_inputs, collect_result, grounding_eval, grounding_maps
 from engine.loop import EpochSettings, train_epoch
-from engine.precision import grad_scaler
-from engine.resume import TrainingCheckpointer, resume_point
+from engine.resume import resume_point
 from engine.runtime import RunContext, setup_run, wrap_ddp
 from engine.tracking import Tracker
+from engine.training import schedule_epochs, training_parts
 from models.simla.gradcam import DEFAULT_BLOCK_NUM, GRADCAM_MODES, check_block_num
 from models.simla.retrieval import SIMLA, load_retrieval_checkpoint
 from models.tokenization import build_tokenizer
-from optim import create_optimizer
-from scheduler import create_scheduler, epoch_end_step
+from scheduler import epoch_end_step
 from utils import append_log, barrier, broadcast_object, get_rank, get_world_size, is_main_process
 
 SCRIPT = "Grounding.py"
@@ -104,17 +103,13 @@ def main(args: argparse.Namespace) -> None:
     # _set_static_graph() declares
     model, model_without_ddp = wrap_ddp(model, ctx, static_graph=True)
 
-    optimizer = create_optimizer(config["optimizer"], model)
-    scheduler, _ = create_scheduler(config["schedular"], optimizer)
-    scaler = grad_scaler(device, args.amp)
+    optimizer, scheduler, scaler, checkpointer = training_parts(args, config, model, model_without_ddp, device,
+                                                                train_sampler, batch_size)
     tracker = Tracker(args.log_backend, args.output_dir, config)
-    max_epoch = int(config["schedular"]["epochs"])
-    warmup_epochs = int(config["schedular"].get("warmup_epochs", 0) or 0)
+    max_epoch, warmup_epochs = schedule_epochs(config)
     settings = EpochSettings.for_run(args, LOSS_NAMES, meter_window=1, warmup_epochs=warmup_epochs,
                                      counted_batches=True)
     skip_empty_fix = bool(config.get("grounding_skip_empty_fix", False))
-    checkpointer = TrainingCheckpointer(args.output_dir, model_without_ddp, optimizer, scheduler, config, scaler,
-                                        train_sampler, batch_size)
     point = resume_point(checkpointer, checkpoint if not args.evaluate else None, args, len(train_loader),
                          epoch_end_warmup=warmup_epochs)
     del checkpoint

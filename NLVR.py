@@ -30,14 +30,13 @@ from engine.checkpoint import (
 )
 from engine.cli import base_parser
 from engine.loop import EpochSettings, train_epoch
-from engine.precision import grad_scaler
-from engine.resume import TrainingCheckpointer, resume_point
+from engine.resume import resume_point
 from engine.runtime import RunContext, setup_run, wrap_ddp
 from engine.tracking import Tracker
+from engine.training import schedule_epochs, training_parts
 from models.simla.nlvr import PRETRAIN_NLVR_CHECKPOINT_MISSING, PRETRAIN_NLVR_CHECKPOINT_UNEXPECTED, SIMLA
 from models.tokenization import build_tokenizer
-from optim import create_optimizer
-from scheduler import create_scheduler, epoch_end_step
+from scheduler import epoch_end_step
 from utils import append_log, barrier, get_rank, get_world_size, is_main_process
 
 SPLIT_KEYS = ("train_file", "val_file", "test_file")
@@ -124,16 +123,11 @@ def main(args: argparse.Namespace) -> None:
         else None
     model = model.to(device)
     model, model_without_ddp = wrap_ddp(model, ctx)
-    optimizer = create_optimizer(config["optimizer"], model)
-    scheduler, _ = create_scheduler(config["schedular"], optimizer)
-
-    max_epoch = int(config["schedular"]["epochs"])
-    warmup_epochs = int(config["schedular"].get("warmup_epochs", 0) or 0)
+    optimizer, scheduler, scaler, checkpointer = training_parts(args, config, model, model_without_ddp, device,
+                                                                train_sampler, batch_size)
+    max_epoch, warmup_epochs = schedule_epochs(config)
     settings = EpochSettings.for_run(args, ("loss",), stats_format="{:.4f}", warmup_epochs=warmup_epochs,
                                      counted_batches=True)
-    scaler = grad_scaler(device, args.amp)
-    checkpointer = TrainingCheckpointer(args.output_dir, model_without_ddp, optimizer, scheduler, config, scaler,
-                                        train_sampler, batch_size)
     point = resume_point(checkpointer, checkpoint, args, len(train_loader), epoch_end_warmup=warmup_epochs)
     del checkpoint
     best, best_epoch = float(point.extra.get("best", 0.0)), int(point.extra.get("best_epoch", 0))

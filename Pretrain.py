@@ -21,15 +21,14 @@ from engine.checkpoint import checkpoint_path, interpolate_pos_embeds, load_mode
 from engine.cli import base_parser
 from engine.consistency import check_replicas_agree
 from engine.loop import EpochSettings, train_epoch
-from engine.precision import grad_scaler
-from engine.resume import ResumePoint, TrainingCheckpointer
+from engine.resume import ResumePoint
 from engine.runtime import RunContext, setup_run, wrap_ddp
 from engine.tracking import Tracker
+from engine.training import schedule_epochs, training_parts
 from models.dvae import DalleVAE
 from models.simla.pretrain import SIMLA
 from models.tokenization import build_tokenizer
-from optim import create_optimizer
-from scheduler import create_scheduler, epoch_start_step
+from scheduler import epoch_start_step
 from utils import append_log, barrier, get_rank, get_world_size, is_main_process
 
 LOSS_NAMES = ("loss_mlm", "loss_ita", "loss_itm", "loss_mim", "loss_pseudo")
@@ -76,12 +75,8 @@ def main(args: argparse.Namespace) -> None:
     print("Creating model")
     model = SIMLA(text_encoder=args.text_encoder, tokenizer=tokenizer, config=config)
     model = model.to(device)
-    optimizer = create_optimizer(config["optimizer"], model)
-    scheduler, _ = create_scheduler(config["schedular"], optimizer)
-    scaler = grad_scaler(device, args.amp)
-
-    checkpointer = TrainingCheckpointer(args.output_dir, model, optimizer, scheduler, config, scaler, sampler,
-                                        batch_size)
+    optimizer, scheduler, scaler, checkpointer = training_parts(args, config, model, model, device, sampler,
+                                                                batch_size)
     point = ResumePoint()
     if args.checkpoint:
         checkpoint = read_checkpoint(args.checkpoint, trust=args.trust_checkpoint)
@@ -101,8 +96,7 @@ def main(args: argparse.Namespace) -> None:
 
     backend = "none" if args.log_backend == "wandb" and config.get("disable_wandb") else args.log_backend
     tracker = Tracker(backend, args.output_dir, config)
-    max_epoch = int(config["schedular"]["epochs"])
-    warmup_epochs = int(config["schedular"].get("warmup_epochs", 0) or 0)
+    max_epoch, warmup_epochs = schedule_epochs(config)
     settings = EpochSettings.for_run(args, LOSS_NAMES, warmup_epochs=warmup_epochs, counted_batches=True)
 
     print("Start training")

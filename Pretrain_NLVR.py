@@ -32,15 +32,14 @@ from engine.checkpoint import (
 )
 from engine.cli import base_parser
 from engine.loop import EpochSettings, train_epoch
-from engine.precision import grad_scaler
-from engine.resume import ResumePoint, TrainingCheckpointer
+from engine.resume import ResumePoint
 from engine.runtime import RunContext, setup_run, wrap_ddp
 from engine.tracking import Tracker
+from engine.training import schedule_epochs, training_parts
 from models.simla.nlvr import nlvr_layout
 from models.simla.pretrain_nlvr import PRETRAIN_CHECKPOINT_MISSING, SIMLA, pretrain_to_nlvr_state_dict
 from models.tokenization import build_tokenizer
-from optim import create_optimizer
-from scheduler import create_scheduler, epoch_start_step
+from scheduler import epoch_start_step
 from utils import append_log, barrier, get_rank, get_world_size, is_main_process
 
 
@@ -74,8 +73,7 @@ def load_pretraining_checkpoint(model: SIMLA, path: str, config: dict, trust: bo
 def main(args: argparse.Namespace) -> None:
     ctx: RunContext = setup_run(args, "nlvr_pretrain")
     config, device = ctx.config, ctx.device
-    max_epoch = int(config["schedular"]["epochs"])
-    warmup_epochs = int(config["schedular"].get("warmup_epochs", 0) or 0)
+    max_epoch, warmup_epochs = schedule_epochs(config)
 
     print("Creating dataset")
     dataset = create_dataset("pretrain", config)
@@ -91,11 +89,8 @@ def main(args: argparse.Namespace) -> None:
     print("Creating model")
     model = SIMLA(config=config, text_encoder=args.text_encoder, tokenizer=tokenizer)
     model = model.to(device)
-    optimizer = create_optimizer(config["optimizer"], model)
-    scheduler, _ = create_scheduler(config["schedular"], optimizer)
-    scaler = grad_scaler(device, args.amp)
-    checkpointer = TrainingCheckpointer(args.output_dir, model, optimizer, scheduler, config, scaler, sampler,
-                                        batch_size)
+    optimizer, scheduler, scaler, checkpointer = training_parts(args, config, model, model, device, sampler,
+                                                                batch_size)
     point = ResumePoint()
     if args.checkpoint and args.resume:
         # a checkpoint of this script: same keys, nothing to convert

@@ -24,15 +24,14 @@ from dataset.resumable import create_train_loader
 from engine.checkpoint import read_checkpoint
 from engine.cli import base_parser
 from engine.loop import EpochSettings, train_epoch
-from engine.precision import grad_scaler
-from engine.resume import TrainingCheckpointer, resume_point
+from engine.resume import resume_point
 from engine.retrieval_eval import evaluation, itm_eval
 from engine.runtime import RunContext, setup_run, wrap_ddp
 from engine.tracking import Tracker
+from engine.training import schedule_epochs, training_parts
 from models.simla.retrieval import SIMLA, load_retrieval_checkpoint
 from models.tokenization import build_tokenizer
-from optim import create_optimizer
-from scheduler import create_scheduler, epoch_end_step
+from scheduler import epoch_end_step
 from utils import append_log, barrier, broadcast_object, get_rank, get_world_size, is_main_process, str2bool
 
 SCRIPT = "Retrieval.py"
@@ -85,13 +84,9 @@ def main(args: argparse.Namespace) -> None:
     model = model.to(device)
     model, model_without_ddp = wrap_ddp(model, ctx)
 
-    optimizer = create_optimizer(config["optimizer"], model)
-    scheduler, _ = create_scheduler(config["schedular"], optimizer)
-    scaler = grad_scaler(device, args.amp)
-    max_epoch = int(config["schedular"]["epochs"])
-    warmup_epochs = int(config["schedular"].get("warmup_epochs", 0) or 0)
-    checkpointer = TrainingCheckpointer(args.output_dir, model_without_ddp, optimizer, scheduler, config, scaler,
-                                        train_sampler, train_bs)
+    optimizer, scheduler, scaler, checkpointer = training_parts(args, config, model, model_without_ddp, device,
+                                                                train_sampler, train_bs)
+    max_epoch, warmup_epochs = schedule_epochs(config)
     point = resume_point(checkpointer, checkpoint, args, len(train_loader), epoch_end_warmup=warmup_epochs)
     # checkpoint_best.pth is written when r_mean improves; its value is needed to go on comparing
     best = float(point.extra.get("best_r_mean", 0.0))

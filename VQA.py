@@ -36,14 +36,14 @@ from engine.checkpoint import (
 )
 from engine.cli import base_parser
 from engine.loop import EpochSettings, train_epoch
-from engine.precision import autocast, grad_scaler
+from engine.precision import autocast
 from engine.resume import ResumePoint, TrainingCheckpointer
 from engine.runtime import RunContext, setup_run, wrap_ddp
 from engine.tracking import Tracker
+from engine.training import schedule_epochs, training_parts
 from models.simla.vqa import PRETRAIN_CHECKPOINT_MISSING, SIMLA, map_pretrain_checkpoint
 from models.tokenization import build_tokenizer
-from optim import create_optimizer
-from scheduler import create_scheduler, epoch_start_step
+from scheduler import epoch_start_step
 from utils import MetricLogger, append_log, barrier, get_rank, get_world_size, is_main_process
 
 LOSS_NAMES = ("loss",)
@@ -176,11 +176,8 @@ def main(args: argparse.Namespace) -> None:
     model = SIMLA(text_encoder=args.text_encoder, text_decoder=args.text_decoder, tokenizer=tokenizer,
                   config=config)
     model = model.to(device)
-    optimizer = create_optimizer(config["optimizer"], model)
-    scheduler, _ = create_scheduler(config["schedular"], optimizer)
-    scaler = grad_scaler(device, args.amp)
-    checkpointer = TrainingCheckpointer(args.output_dir, model, optimizer, scheduler, config, scaler,
-                                        train_sampler, batch_size)
+    optimizer, scheduler, scaler, checkpointer = training_parts(args, config, model, model, device, train_sampler,
+                                                                batch_size)
     point = ResumePoint()
     if args.checkpoint:
         point = load_checkpoint_into(model, args, checkpointer, len(train_loader))
@@ -191,8 +188,7 @@ def main(args: argparse.Namespace) -> None:
     model, model_without_ddp = wrap_ddp(model, ctx, find_unused_parameters=unused)
 
     tracker = Tracker(args.log_backend, args.output_dir, config)
-    max_epoch = int(config["schedular"]["epochs"])
-    warmup_epochs = int(config["schedular"].get("warmup_epochs", 0) or 0)
+    max_epoch, warmup_epochs = schedule_epochs(config)
     settings = EpochSettings.for_run(args, LOSS_NAMES, meter_window=1, warmup_epochs=warmup_epochs,
                                      counted_batches=True)
 

@@ -1,0 +1,44 @@
+"""The pieces every training script builds around its model: optimizer, LR schedule, grad scaler and
+checkpointer, from the config's ``optimizer:`` and ``schedular:`` sections and the run's flags."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import torch
+
+from engine.precision import grad_scaler
+from engine.resume import TrainingCheckpointer
+from optim import create_optimizer
+from scheduler import create_scheduler
+
+
+class TrainingParts(NamedTuple):
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    checkpointer: TrainingCheckpointer
+
+
+def training_parts(args: Any, config: Mapping[str, Any], model: torch.nn.Module, state_model: torch.nn.Module,
+                   device: torch.device, sampler: Any, batch_size: int) -> TrainingParts:
+    """Optimizer, scheduler, grad scaler (``--amp``) and checkpointer of a training run.
+
+    The optimizer groups ``model``'s parameters as the original does, so a script that passes the DDP
+    wrapper here gets the original's grouping of a wrapped model (whose inner ``no_weight_decay`` list
+    is not consulted); ``state_model`` is what checkpoints hold (the unwrapped model). ``sampler`` and
+    ``batch_size`` describe the training loader, for mid-epoch checkpoints.
+    """
+    optimizer = create_optimizer(config["optimizer"], model)
+    scheduler, _ = create_scheduler(config["schedular"], optimizer)
+    scaler = grad_scaler(device, args.amp)
+    checkpointer = TrainingCheckpointer(args.output_dir, state_model, optimizer, scheduler, config, scaler,
+                                        sampler, batch_size)
+    return TrainingParts(optimizer, scheduler, scaler, checkpointer)
+
+
+def schedule_epochs(config: Mapping[str, Any]) -> tuple[int, int]:
+    """``(epochs, warmup_epochs)`` of the config's ``schedular:`` section (no warm-up when absent)."""
+    schedule = config["schedular"]
+    return int(schedule["epochs"]), int(schedule.get("warmup_epochs", 0) or 0)
