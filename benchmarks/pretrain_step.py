@@ -132,10 +132,10 @@ def main(argv: list[str] | None = None) -> dict:
         if stepper is not None:
             with stepper.active():
                 total.backward()
-            return float(total.detach())
-        scaler.scale(total).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        else:
+            scaler.scale(total).backward()
+            scaler.step(optimizer)
+            scaler.update()
         return float(total.detach())
 
     for _ in range(args.warmup):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import pytest
 import torch
@@ -65,20 +65,25 @@ def _saved_bytes(fn: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor]
     """Bytes of the distinct storages autograd keeps for backward of ``fn(*inputs)`` (storages of the
     inputs themselves and of ``skip``, e.g. parameters, not counted)."""
     leaves = _leaves(*inputs)
-    excluded = {t.untyped_storage().data_ptr() for t in (*leaves, *skip)}
     kept: dict[int, int] = {}
+    with _counting_saved(kept, (*leaves, *skip)), torch.random.fork_rng():
+        out = fn(*leaves)
+    del out
+    return sum(kept.values())
+
+
+def _counting_saved(kept: dict[int, int], excluded: Iterable[torch.Tensor]):
+    """Hooks that record in ``kept`` the size of each distinct storage autograd saves for backward,
+    except the storages of ``excluded`` (inputs, parameters)."""
+    skip = {t.untyped_storage().data_ptr() for t in excluded}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
-        if storage.data_ptr() not in excluded:
+        if storage.data_ptr() not in skip:
             kept[storage.data_ptr()] = storage.nbytes()
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.random.fork_rng():
-        out = fn(*leaves)
-    total = sum(kept.values())
-    del out
-    return total
+    return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
 
 
 # --- dropout ------------------------------------------------------------------------------------------
@@ -375,18 +380,10 @@ def _tiny_pretraining_model() -> tuple[SIMLA, tuple]:
 
 def _pretraining_step(model: SIMLA, batch: tuple, enabled: bool):
     image, text, codes, masked = batch
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     kept: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            kept[storage.data_ptr()] = storage.nbytes()
-        return t
-
     with use_lean_activations(enabled), torch.random.fork_rng():
         torch.manual_seed(11)  # dropout, ITM negatives and MLM masking
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with _counting_saved(kept, model.parameters()):
             losses = model(image, text, visual_token_ids=codes, masked_visual_token_pos=masked,
                            masked_visual_tok_labels=codes[masked], alpha=0.4)
         state = torch.get_rng_state()

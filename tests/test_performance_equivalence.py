@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from configs import load_config
-from engine.retrieval_eval import RetrievalFeatures, rerank
+from engine.retrieval_eval import rerank
 from models.attention import attention
 from models.bert import BertModel, load_bert_config, vocabulary_projection
 from models.simla.pretrain import SIMLA as PretrainSIMLA
@@ -28,6 +28,7 @@ from models.simla.retrieval import SIMLA as RetrievalSIMLA
 from models.tokenization import tokenizer_from_tokens
 from models.vit import VisionTransformer
 from optim import create_optimizer, param_groups_weight_decay
+from tests.test_retrieval import _features
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "data" / "parity" / "fixtures"
@@ -324,17 +325,8 @@ def test_rerank_with_projected_image_keys_equals_per_pair_states():
     config.update(bert_config=str(REPO / "configs" / "demo_bert.json"))
     torch.manual_seed(0)
     model = RetrievalSIMLA(config=config).eval()
-    generator = torch.Generator().manual_seed(3)
-    images = torch.randn(7, 3, 64, 64, generator=generator)
-    lengths = torch.randint(3, 30, (20,), generator=generator)
-    ids = torch.randint(104, 559, (20, 30), generator=generator)
-    ids[:, 0] = 101
-    mask = (torch.arange(30) < lengths[:, None]).long()
-    ids = ids * mask
-    with torch.no_grad():
-        image_feats, image_embeds = model.image_features(images)
-        _, text_embeds = model.text_features(ids, mask)
-    features = RetrievalFeatures(ids, mask, text_embeds, image_embeds, image_feats)
+    features = _features(model, num_images=7, num_texts=20, seed=3)
+    image_feats = features.image_feats
     reference = rerank(_StatesOnly(model), features, 4, batch_size=16)
     per_image = sum(k.numel() + v.numel() for k, v in model.image_key_values(image_feats[:1]).layers.values()) * 4
     for budget in (1 << 30, 2 * per_image):  # all images in one chunk, or chunks of two images

@@ -253,8 +253,9 @@ def test_rename_rules_are_declared_per_script():
 # --- evaluation ---------------------------------------------------------------------------------------
 
 
-def _features(model: SIMLA, num_images: int, num_texts: int) -> RetrievalFeatures:
-    generator = torch.Generator().manual_seed(5)
+def _features(model: SIMLA, num_images: int, num_texts: int, seed: int = 5) -> RetrievalFeatures:
+    """Encoded random images and captions of 3 to 29 tokens (the inputs of re-ranking)."""
+    generator = torch.Generator().manual_seed(seed)
     images = torch.randn(num_images, 3, 64, 64, generator=generator)
     lengths = torch.randint(3, 30, (num_texts,), generator=generator)
     ids = torch.randint(104, 559, (num_texts, 30), generator=generator)
