@@ -18,6 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from configs import load_config, save_config
 from utils import (
+    barrier,
     get_rank,
     get_world_size,
     init_distributed_mode,
@@ -145,6 +146,7 @@ def run_entry(main: Callable[[argparse.Namespace], Any], args: argparse.Namespac
     multi-process run (see :func:`job_rank`) prints ``rank R failed: <error>`` and its traceback and
     exits with status 1 (130 for Ctrl-C, the code of a non-zero ``SystemExit``) without waiting for
     its peers (see :func:`exit_after_failure`), so that no process is left blocked in a collective.
+    After a successful multi-process run the process group is closed (:func:`close_process_group`).
     """
     try:
         main(args)
@@ -155,3 +157,15 @@ def run_entry(main: Callable[[argparse.Namespace], Any], args: argparse.Namespac
         if rank is None:
             raise
         exit_after_failure(rank, exc)
+    close_process_group()
+
+
+def close_process_group() -> None:
+    """After a successful run, wait for every process and then shut the process group down.
+
+    Left to the interpreter's exit, the group's background threads can be torn down in an order that
+    aborts the process ("terminate called without an active exception") after all the work is done.
+    """
+    if is_dist_avail_and_initialized():
+        barrier()
+        torch.distributed.destroy_process_group()
