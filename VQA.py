@@ -243,9 +243,9 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 if __name__ == "__main__":
-    from engine.runtime import run_entry
+    from engine.runtime import prepare_output_dir, run_entry
 
     cli_args = get_parser().parse_args()
-    os.makedirs(cli_args.output_dir, exist_ok=True)
+    prepare_output_dir(cli_args.output_dir)
     os.makedirs(os.path.join(cli_args.output_dir, "result"), exist_ok=True)
     run_entry(main, cli_args)

@@ -50,6 +50,7 @@ __all__ = [
     "all_reduce_sum",
     "append_log",
     "barrier",
+    "check_checkpoint_format",
     "concat_all_gather",
     "dist_timeout",
     "enable_nccl_error_handling",
@@ -61,6 +62,7 @@ __all__ = [
     "is_main_process",
     "load_checkpoint",
     "omegaconf_safe_globals",
+    "remove_stale_partial_files",
     "save_checkpoint",
     "save_on_master",
     "seed_everything",
@@ -529,8 +531,9 @@ class CheckpointWriteError(OSError):
     """A checkpoint file could not be written or did not read back intact."""
 
 
-def _remove_stale_partial_files(directory: str, name: str) -> None:
-    # temporary files of earlier saves of ``name`` whose process was killed mid-write
+def remove_stale_partial_files(directory: str, name: str) -> None:
+    """Remove the temporary files ``.<name>.<pid>.*.tmp`` that atomic writes of ``name`` by processes no
+    longer alive (killed mid-write) left in ``directory``."""
     prefix = f".{name}."
     for entry in os.listdir(directory):
         if entry.startswith(prefix) and entry.endswith(".tmp"):
@@ -571,7 +574,7 @@ def save_checkpoint(obj: Any, path: str | os.PathLike[str], verify: bool = True)
     target = os.path.abspath(os.fspath(path))
     directory = os.path.dirname(target)
     os.makedirs(directory, exist_ok=True)
-    _remove_stale_partial_files(directory, os.path.basename(target))
+    remove_stale_partial_files(directory, os.path.basename(target))
     tmp = os.path.join(directory, f".{os.path.basename(target)}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
@@ -741,6 +744,18 @@ class _StubPickleModule:
 def _is_zip_file(path: str) -> bool:
     with open(path, "rb") as handle:
         return handle.read(4) == b"PK\x03\x04"
+
+
+def check_checkpoint_format(path: str) -> None:
+    """Raise ``ValueError`` unless ``path`` starts as a PyTorch checkpoint does: a zip archive
+    (``torch.save``), a legacy pickle (protocol marker 0x80) or the legacy tar format."""
+    with open(path, "rb") as handle:
+        head = handle.read(512)
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80" or head[257:262] == b"ustar":
+        return
+    found = "the file is empty" if not head else f"it starts with {head[:24]!r}"
+    raise ValueError(f"{path} is not a PyTorch checkpoint ({found}; expected the zip archive torch.save writes, "
+                     "or a legacy pickle or tar file)")
 
 
 _GLOBAL_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")

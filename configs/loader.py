@@ -35,6 +35,7 @@ from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
 from configs.schema import ConfigError, validate_config
+from utils import remove_stale_partial_files
 
 __all__ = [
     "ConfigError",
@@ -310,6 +311,7 @@ def dump_config(config: Mapping[str, Any]) -> str:
 
 def _atomic_write_text(target: str, text: str) -> None:
     directory = os.path.dirname(os.path.abspath(target))
+    remove_stale_partial_files(directory, os.path.basename(target))
     tmp = os.path.join(directory, f".{os.path.basename(target)}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:

@@ -211,7 +211,7 @@ KEY_TYPES: dict[str, ValueType] = {
         ("vit_mask_token", "grad_checkpointing", "randaugment_clip_sharpness",
          "randaugment_fix_autocontrast", "from_scratch", "disable_wandb", "mim_aligned_views", "distill",
          "warm_up", "eval_ema", "freeze_visual_encoder", "enqueue_idx", "grounding_skip_empty_fix",
-         "vqa_distill_alpha", "copy_momentum_after_load"),
+         "vqa_distill_alpha", "copy_momentum_after_load", "mlm_empty_mask_nan"),
         BOOL,
     ),
     **dict.fromkeys(_SECTIONS, MAPPING),
@@ -230,6 +230,8 @@ TASK_SCHEMAS: dict[str, TaskSchema] = {
             "distill_softmax_dim": 1, "mim_aligned_views": False, "psl_layer": None,
             "psl_keys_per_head": 4, "psl_num_keywords": 5, "mask_num_patches": 75, "mask_min_patches": 16,
             "mask_min_aspect": 0.3, "mask_max_aspect": None,
+            # a batch with no masked token: zero MLM loss (true: the original's NaN)
+            "mlm_empty_mask_nan": False,
         },
     ),
     "retrieval": TaskSchema(

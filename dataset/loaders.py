@@ -42,9 +42,11 @@ def create_loader(
     """Build one DataLoader per dataset.
 
     Training loaders shuffle when they have no sampler and drop the last incomplete batch;
-    evaluation loaders neither shuffle nor drop. ``pin_memory`` defaults to whether CUDA is
-    available (the original always pins); ``persistent_workers`` defaults to ``num_workers > 0``
-    and is forced off for loaders without workers.
+    evaluation loaders neither shuffle nor drop, and seed their workers from a generator of their own:
+    they take no draw from the global generator, whose later draws (dropout) would otherwise depend on
+    ``num_workers`` (a loader without persistent workers draws once per pass). ``pin_memory`` defaults
+    to whether CUDA is available (the original always pins); ``persistent_workers`` defaults to
+    ``num_workers > 0`` and is forced off for loaders without workers.
     """
     _check_lengths(
         datasets=datasets,
@@ -72,6 +74,7 @@ def create_loader(
                 collate_fn=collate_fn,
                 drop_last=bool(is_train),
                 persistent_workers=persistent,
+                generator=None if is_train else torch.Generator().manual_seed(0),
             )
         )
     return loaders

@@ -3,8 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from utils import str2bool
+
+
+def default_num_workers() -> int:
+    """Data-loading workers per process: at most 4, and no more than the cores this process may use."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return min(4, cores)
 
 
 def base_parser(description: str, default_config: str, default_output_dir: str,
@@ -14,10 +24,10 @@ def base_parser(description: str, default_config: str, default_output_dir: str,
     ``training`` adds the flags of scripts that train: ``--resume``, ``--save_every_steps``,
     ``--skip_nonfinite`` and ``--step_in_backward``.
     """
-    parser = argparse.ArgumentParser(description=description)
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", default=default_config, help="YAML config file")
     parser.add_argument("--checkpoint", default="", help="checkpoint to start from ('' for none)")
-    parser.add_argument("--output_dir", default=default_output_dir)
+    parser.add_argument("--output_dir", default=default_output_dir, help="folder for config.yaml, log.txt, checkpoints")
     parser.add_argument("--text_encoder", default="bert-base-uncased",
                         help="Hugging Face BERT name or folder (tokenizer and BERT initialisation), "
                              "or a vocab.txt file")
@@ -33,11 +43,16 @@ def base_parser(description: str, default_config: str, default_output_dir: str,
                         help="autocast precision for training and evaluation")
     parser.add_argument("--trust_checkpoint", action="store_true",
                         help="allow arbitrary pickled objects in --checkpoint (only for files you trust)")
-    parser.add_argument("--num_workers", default=4, type=int, help="data-loading worker processes per rank")
+    parser.add_argument("--num_workers", default=default_num_workers(), type=int,
+                        help="data-loading worker processes per rank (min(4, usable cores) unless given)")
     parser.add_argument("--log_backend", default="none", choices=("none", "tensorboard", "wandb"),
                         help="extra metric logging (off by default; wandb runs offline)")
     parser.add_argument("--dist_timeout", default=1800, type=float,
                         help="seconds a collective may wait for the other processes before the run fails")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="deterministic algorithms only (torch.use_deterministic_algorithms, cuDNN without "
+                             "autotuning, the cuBLAS workspace setting): repeated runs with the same number "
+                             "of threads give bitwise the same weights, at some cost in speed")
     if not training:
         return parser
     parser.add_argument("--resume", default=False, type=str2bool,

@@ -55,6 +55,14 @@ def _everyone(condition: bool, device: torch.device) -> bool:
     return condition
 
 
+def _job_total(count: int | torch.Tensor, device: torch.device) -> int:
+    """``count`` summed over every process (a collective call when distributed)."""
+    total = torch.as_tensor(count, dtype=torch.float64).reshape(1).to(device)
+    if is_dist_avail_and_initialized():
+        dist.all_reduce(total)
+    return int(total.item())
+
+
 def _all_finite(values: Mapping[str, float], device: torch.device) -> bool:
     """Whether every process's losses are finite (all processes must agree before skipping a step)."""
     return _everyone(all(math.isfinite(v) for v in values.values()), device)
@@ -118,12 +126,13 @@ def _run_steps(model: torch.nn.Module, loader: Iterable, optimizer: torch.optim.
                                          "--skip_nonfinite skips such steps instead")
             skipped_steps += 1
             print(f"warning: non-finite loss at {where}: {detail}; step skipped ({skipped_steps} this epoch)")
+            # every process runs backward so distributed gradient hooks stay in step; nothing is applied.
+            # The buffers are restored only afterwards: autograd may have saved some of them (position ids)
+            total.backward()
+            optimizer.zero_grad(set_to_none=True)
             with torch.no_grad():
                 for buffer, saved in snapshot:
                     buffer.copy_(saved)
-            # every process runs backward so distributed gradient hooks stay in step; nothing is applied
-            total.backward()
-            optimizer.zero_grad(set_to_none=True)
             if epoch == 0:
                 warmup_step(scheduler, epoch, i, settings.warmup_epochs, settings.step_size)
             continue
@@ -186,11 +195,10 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable, optimizer: torch.o
         if stepper is not None:
             stepper.remove()
     logger.synchronize_between_processes()
-    if is_dist_avail_and_initialized():
-        # unreadable samples are counted where they were read; the log reports the whole job
-        counts = torch.tensor([skipped_samples], dtype=torch.float64, device=device)
-        dist.all_reduce(counts)
-        skipped_samples = int(counts.item())
+    # unreadable samples (and the model's own counts) are counted where they occurred; the log reports the job
+    skipped_samples = _job_total(skipped_samples, device)
+    model_counts = getattr(getattr(model, "module", model), "epoch_counters", None)
+    counted = {name: _job_total(value, device) for name, value in (model_counts() if model_counts else {}).items()}
     if skipped_samples:
         print(f"{skipped_samples} unreadable samples this epoch (replaced by other samples of their batch, or "
               "dropped from it)")
@@ -202,6 +210,10 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable, optimizer: torch.o
     if skipped_steps:
         print(f"{skipped_steps} steps with non-finite losses were skipped this epoch")
         stats["skipped_steps"] = skipped_steps
+    for name, count in counted.items():
+        if count:
+            print(f"{name}: {count} this epoch")
+            stats[name] = count
     return stats
 
 

@@ -212,7 +212,11 @@ class TrainingCheckpointer:
 
     def start(self, point: ResumePoint) -> None:
         """Call right before the first epoch: the sampler starts at the resumed batch and the random
-        generators take the checkpoint's states (after everything that drew from them at set-up)."""
+        generators take the checkpoint's states (after everything that drew from them at set-up). A
+        model with feature queues checks that this run's batches fit its stored queue position."""
+        check_queue = getattr(self.model, "check_queue_fits", None)
+        if check_queue is not None:
+            check_queue(self.batch_size, get_world_size())
         if self.sampler is not None and point.step:
             self.sampler.set_epoch(point.epoch)
             self.sampler.start_at(point.step * self.batch_size)

@@ -19,6 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 from configs import load_config, save_config
 from utils import (
     barrier,
+    check_checkpoint_format,
     get_rank,
     get_world_size,
     init_distributed_mode,
@@ -58,24 +59,56 @@ def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
     return device
 
 
+def use_deterministic_algorithms(enabled: bool) -> None:
+    """``--deterministic``: only deterministic kernels (CPU and CUDA), cuDNN without autotuning, and the
+    cuBLAS workspace size that deterministic CUDA matrix products need; otherwise cuDNN autotunes."""
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(enabled)
+    cudnn.deterministic = enabled
+    cudnn.benchmark = not enabled
+
+
+def prepare_output_dir(path: str) -> None:
+    """Create ``--output_dir`` (with its parents) and check that it is a writable folder; otherwise exit
+    with a one-line error naming the flag, the path and the problem."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        problem = "exists and is not a folder"
+    else:
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as exc:
+            problem = f"cannot be created ({exc.strerror or exc})"
+        else:
+            if os.access(path, os.W_OK | os.X_OK):
+                return
+            problem = "is not writable"
+    raise SystemExit(f"error: --output_dir {path}: {problem}")
+
+
 def setup_run(args: argparse.Namespace, task: str, extra_config: dict[str, Any] | None = None) -> RunContext:
-    """Load and validate the config, check that ``--checkpoint`` exists, write
+    """Load and validate the config, check that ``--checkpoint`` is a PyTorch checkpoint file, write
     ``output_dir/config.yaml``, initialise distributed mode, pick the device and seed every generator
     with ``seed + rank`` (all before any data is read)."""
     config = load_config(args.config, args.overrides, task=task)
     checkpoint = getattr(args, "checkpoint", "")
     if checkpoint and not os.path.isfile(checkpoint):
         raise FileNotFoundError(2, "--checkpoint file not found", checkpoint)
+    if checkpoint:
+        try:
+            check_checkpoint_format(checkpoint)
+        except ValueError as exc:
+            raise SystemExit(f"error: --checkpoint {exc}") from None
     if extra_config:
         config.update(extra_config)
     init_distributed_mode(args)
     if is_main_process():
-        os.makedirs(args.output_dir, exist_ok=True)
+        prepare_output_dir(args.output_dir)
         save_config(config, args.output_dir)
     local_rank = int(getattr(args, "gpu", 0) or 0)
     device = resolve_device(args.device, local_rank)
     seed_everything(args.seed + get_rank())
-    cudnn.benchmark = True
+    use_deterministic_algorithms(bool(getattr(args, "deterministic", False)))
     return RunContext(args=args, config=config, device=device)
 
 

@@ -28,14 +28,32 @@ def training_parts(args: Any, config: Mapping[str, Any], model: torch.nn.Module,
     The optimizer groups ``model``'s parameters as the original does, so a script that passes the DDP
     wrapper here gets the original's grouping of a wrapped model (whose inner ``no_weight_decay`` list
     is not consulted); ``state_model`` is what checkpoints hold (the unwrapped model). ``sampler`` and
-    ``batch_size`` describe the training loader, for mid-epoch checkpoints.
+    ``batch_size`` describe the training loader, for mid-epoch checkpoints. Prints
+    :func:`starting_weights`.
     """
+    print(starting_weights(args, config, state_model))
     optimizer = create_optimizer(config["optimizer"], model)
     scheduler, _ = create_scheduler(config["schedular"], optimizer)
     scaler = grad_scaler(device, args.amp)
     checkpointer = TrainingCheckpointer(args.output_dir, state_model, optimizer, scheduler, config, scaler,
                                         sampler, batch_size)
     return TrainingParts(optimizer, scheduler, scaler, checkpointer)
+
+
+def starting_weights(args: Any, config: Mapping[str, Any], model: torch.nn.Module) -> str:
+    """One line naming the weights a run starts from: ``--checkpoint``, random (``from_scratch``), or
+    the DeiT and BERT initialisation the model loaded (``--text_encoder``, VQA's ``--text_decoder``)."""
+    if args.checkpoint:
+        resumed = " (resumed)" if getattr(args, "resume", False) else ""
+        return f"Starting weights: checkpoint {args.checkpoint}{resumed}"
+    if config.get("from_scratch", False):
+        return "Starting weights: random (from_scratch: true, no --checkpoint)"
+    deit = getattr(getattr(model, "visual_encoder", None), "init_source", None)
+    parts = [f"ViT from DeiT {deit}" if deit else "random ViT",
+             f"text encoder from BERT {args.text_encoder} (--text_encoder)"]
+    if getattr(args, "text_decoder", None):
+        parts.append(f"answer decoder from BERT {args.text_decoder} (--text_decoder)")
+    return f"Starting weights: {', '.join(parts)}; no --checkpoint"
 
 
 def schedule_epochs(config: Mapping[str, Any]) -> tuple[int, int]:

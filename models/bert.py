@@ -556,9 +556,12 @@ class BertForMaskedLM(_BertWithHead):
                 encoder_attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 soft_labels: torch.Tensor | None = None, alpha: float = 0.0, return_logits: bool = False,
                 output_attentions: bool = False, is_decoder: bool = False, mode: str = "multimodal",
-                encoder_kv: CrossKeyValues | None = None) -> LMOutput | torch.Tensor:
+                encoder_kv: CrossKeyValues | None = None, nan_without_labels: bool = False) -> LMOutput | torch.Tensor:
         """Masked-LM loss on ``labels`` (-100 = no loss), distilled towards ``soft_labels`` with weight
-        ``alpha``; ``soft_labels`` are (B, L, V) or only the rows of the labelled positions (M, V)."""
+        ``alpha``; ``soft_labels`` are (B, L, V) or only the rows of the labelled positions (M, V).
+
+        When no position is labelled the loss is zero, still connected to every parameter (distributed
+        gradient hooks stay in step); ``nan_without_labels`` keeps the mean over nothing (NaN)."""
         out = self.bert(input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
                         encoder_hidden_states=encoder_hidden_states,
                         encoder_attention_mask=encoder_attention_mask, output_attentions=output_attentions,
@@ -576,6 +579,11 @@ class BertForMaskedLM(_BertWithHead):
                 targets = soft_labels[selected] if soft_labels.dim() == 3 else soft_labels
                 distill = -torch.sum(log_probs * targets, dim=-1).mean()
                 loss = (1 - alpha) * loss + alpha * distill
+            if not nan_without_labels:
+                # chosen on the device: no host synchronisation; the other branch gets a zero gradient
+                first = logits.reshape(-1)[0]
+                zero = first - first
+                loss = torch.where((labels != -100).any(), loss, zero)
         return LMOutput(loss=loss, logits=logits, last_hidden_state=out.last_hidden_state,
                         attentions=out.attentions, cross_attentions=out.cross_attentions)
 
@@ -635,7 +643,9 @@ def resolve_pretrained_file(name_or_path: str) -> str:
         except Exception as exc:  # noqa: BLE001 - try the next file name, report all failures below
             errors.append(f"{name}: {exc.__class__.__name__}: {exc}")
     raise FileNotFoundError(f"could not load BERT weights {name_or_path!r} (not a local folder, and the hub "
-                            "download failed: " + "; ".join(errors) + ")")
+                            "download failed: " + "; ".join(errors) + "). Give --text_encoder a local folder "
+                            f"holding {' or '.join(WEIGHT_FILES)}, or set 'from_scratch: true' in the config for "
+                            "random weights (--text_encoder may then be a vocab.txt)")
 
 
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:

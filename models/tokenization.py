@@ -64,6 +64,15 @@ def build_tokenizer(name_or_path: str, do_lower_case: bool = True) -> PreTrained
         os.path.isfile(os.path.join(name_or_path, f)) for f in ("vocab.txt", "tokenizer.json")
     ):
         raise FileNotFoundError(f"tokenizer folder {name_or_path} holds neither vocab.txt nor tokenizer.json")
+    if not os.path.isdir(name_or_path):
+        from huggingface_hub import hf_hub_download
+
+        try:  # one file first: offline, from_pretrained retries every file for minutes
+            hf_hub_download(name_or_path, "vocab.txt")
+        except (OSError, ValueError) as exc:
+            raise FileNotFoundError(f"could not load the tokenizer {name_or_path!r} (not a local file or folder, "
+                                    f"and the hub download failed: {type(exc).__name__}: {exc}). Give "
+                                    "--text_encoder a vocab.txt or a local folder holding one") from exc
     try:
         tokenizer = BertTokenizer.from_pretrained(name_or_path)
     except OSError as exc:

@@ -105,6 +105,9 @@ class Block(nn.Module):
 class VisionTransformer(nn.Module):
     """ViT with a learnable mask token that can replace patch embeddings (masked image modelling)."""
 
+    #: the DeiT file or URL the weights were loaded from (None: as initialised)
+    init_source: str | None = None
+
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768,
                  depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0, qkv_bias: bool = True,
                  drop_rate: float = 0.0, attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0,
@@ -239,7 +242,12 @@ def load_deit_weights(visual_encoder: VisionTransformer, source: str = DEIT_BASE
     if os.path.isfile(source):
         checkpoint_obj = torch.load(source, map_location="cpu", weights_only=True)
     elif "://" in source:
-        checkpoint_obj = torch.hub.load_state_dict_from_url(source, map_location="cpu", check_hash=True)
+        try:
+            checkpoint_obj = torch.hub.load_state_dict_from_url(source, map_location="cpu", check_hash=True)
+        except OSError as exc:  # URLError, HTTPError, connection errors
+            raise OSError(f"could not download the DeiT weights {source} ({exc}). Give a local copy as "
+                          "'deit_weights: <file>' in the config, or set 'from_scratch: true' for random "
+                          "weights (a --checkpoint then supplies them)") from exc
     else:
         raise FileNotFoundError(f"DeiT weights not found: {source!r} is neither a file nor a URL")
     state_dict = dict(checkpoint_obj.get("model", checkpoint_obj))
@@ -247,5 +255,6 @@ def load_deit_weights(visual_encoder: VisionTransformer, source: str = DEIT_BASE
         raise KeyError(f"{source}: no 'pos_embed' entry; is this a ViT/DeiT checkpoint?")
     state_dict["pos_embed"] = interpolate_pos_embed(state_dict["pos_embed"], visual_encoder)
     result = visual_encoder.load_state_dict(state_dict, strict=False)
+    visual_encoder.init_source = source
     print(result)
     return result

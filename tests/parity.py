@@ -242,6 +242,26 @@ def build_task_model(task: str, config: dict, vocab_size: int) -> torch.nn.Modul
     return builder(config, vocab_size)
 
 
+def manifest_weight_decay_groups(path: str) -> tuple[int, int]:
+    """Sizes of the original's optimizer groups ``(no weight decay, weight decay)`` for a manifest's
+    full-size model, from its parameter names and shapes alone: trainable parameters, each tied group
+    once; no weight decay for biases and 1-D tensors (LayerNorm weights among them), decay for the rest."""
+    with open(path, encoding="utf-8") as handle:
+        manifest = json.load(handle)
+    not_parameters = set(manifest["buffers"]) | set(manifest["parameters_without_grad_requirement"])
+    repeats = {name for group in manifest["tied_state_dict_entries"] for name in group[1:]}
+    no_decay = decay = 0
+    for name, entry in manifest["state_dict"].items():
+        if name in not_parameters or name in repeats:
+            continue
+        shape = entry[:-1]  # the last item is the dtype
+        if len(shape) == 1 or name.endswith(".bias"):
+            no_decay += 1
+        else:
+            decay += 1
+    return no_decay, decay
+
+
 def run_manifest(path: str) -> list[Result]:
     with open(path, encoding="utf-8") as handle:
         manifest = json.load(handle)

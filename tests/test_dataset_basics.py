@@ -592,3 +592,16 @@ def test_pipelines_and_collates_pickle_for_spawned_workers():
         masking_generator_from_config(config),
     ):
         pickle.loads(pickle.dumps(obj))
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_evaluation_loaders_take_no_global_random_draw(workers):
+    """Passes over an evaluation loader leave the global generator as it was, with or without workers,
+    so that the training randomness does not depend on ``--num_workers``."""
+    (loader,) = create_loader([list(range(6))], [None], batch_size=[4], num_workers=[workers],
+                              is_trains=[False], collate_fns=[None])
+    torch.manual_seed(3)
+    before = torch.get_rng_state()
+    for _ in range(2):
+        assert [batch.tolist() for batch in loader] == [[0, 1, 2, 3], [4, 5]]
+    assert torch.equal(torch.get_rng_state(), before)

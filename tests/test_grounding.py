@@ -307,10 +307,16 @@ def _log_lines(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
 
 
-def _check_accuracy_line(line: dict, keys: list[str]) -> None:
+def _check_accuracy_line(line: dict, keys: list[str], setup: dict[str, str]) -> None:
+    """Each accuracy is a count of grounded expressions out of the test expressions of its REFER split."""
     assert list(line) == keys
-    for name in ("val_d", "testA_d", "testB_d"):
-        assert isinstance(line[name], float) and 0.0 <= line[name] <= 1.0
+    with open(setup["refs"], "rb") as handle:
+        split_of = {ref["ref_id"]: ref["split"] for ref in pickle.load(handle)}
+    splits = [split_of[ref_id] for ref_id in _test_ref_ids(setup)]
+    for split in ("val", "testA", "testB"):
+        value, total = line[f"{split}_d"], splits.count(split)
+        assert isinstance(value, float) and total > 0
+        assert any(value == correct / total for correct in range(total + 1)), (split, value, total)
 
 
 def _test_ref_ids(setup: dict[str, str]) -> list[int]:
@@ -334,7 +340,7 @@ def test_grounding_single_process_train_and_evaluate(grounding_setup: dict[str, 
     out = single_run["out"]
     assert "missing_keys=['idx_queue']" in single_run["stdout"]
     (line,) = _log_lines(out)
-    _check_accuracy_line(line, LOG_KEYS_TRAIN)
+    _check_accuracy_line(line, LOG_KEYS_TRAIN, grounding_setup)
     assert line["epoch"] == 0 and math.isfinite(float(line["train_loss_itm"]))
     # one result per test expression, in test-file order, with a map on the 4x4 patch grid
     results = torch.load(out / "result" / "epoch0_rank0.pth", weights_only=True)
@@ -350,7 +356,7 @@ def test_grounding_single_process_train_and_evaluate(grounding_setup: dict[str, 
     # evaluating the saved model reproduces the accuracy logged after training
     evaluated = out / "evaluate"
     (eval_line,) = _log_lines(evaluated)
-    _check_accuracy_line(eval_line, LOG_KEYS_EVAL)
+    _check_accuracy_line(eval_line, LOG_KEYS_EVAL, grounding_setup)
     assert {k: eval_line[k] for k in ("val_d", "testA_d", "testB_d")} == {
         k: line[k] for k in ("val_d", "testA_d", "testB_d")}
     assert not (evaluated / "checkpoint_best.pth").exists()
@@ -369,7 +375,7 @@ def test_grounding_two_process_gloo(grounding_setup: dict[str, str], single_run:
     _run(grounding_setup, out, "--checkpoint", grounding_setup["checkpoint"], "--gradcam_mode", "itc",
          "--block_num", "3", nproc=2)
     (line,) = _log_lines(out)
-    _check_accuracy_line(line, LOG_KEYS_TRAIN)
+    _check_accuracy_line(line, LOG_KEYS_TRAIN, grounding_setup)
     rank0 = torch.load(out / "result" / "epoch0_rank0.pth", weights_only=True)
     rank1 = torch.load(out / "result" / "epoch0_rank1.pth", weights_only=True)
     # DistributedSampler without shuffling: rank r takes expressions r, r+2, ... (24 expressions, no padding)

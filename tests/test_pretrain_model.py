@@ -15,6 +15,7 @@ from dataset.pretrain import PretrainDataset
 from models.simla.pretrain import SIMLA, mask_tokens
 from models.tokenization import tokenizer_from_tokens
 from optim import create_optimizer
+from tests.parity import manifest_weight_decay_groups
 
 PARITY = os.path.join(os.path.dirname(__file__), "data", "parity")
 
@@ -67,6 +68,46 @@ def test_mask_tokens_draw_order_matches_the_original():
     want[randomised] = words[randomised]
     assert torch.equal(got_ids, want)
     assert torch.equal(got_labels, torch.where(masked, ids, torch.full_like(ids, -100)))
+
+
+def test_mask_tokens_exact_draws_from_a_seeded_generator():
+    """The same draws replayed from an equally seeded generator give the exact ids and labels, with
+    other special-token ids; the global generator is not used."""
+    pad, cls, mask, vocab = 7, 8, 9, 60
+    ids = torch.tensor([[8, 20, 21, 22, 23, 24, 25, 26, 7, 7],
+                        [8, 30, 31, 32, 33, 34, 35, 36, 37, 38],
+                        [8, 40, 41, 42, 7, 7, 7, 7, 7, 7]])
+    global_state = torch.get_rng_state()
+    got_ids, got_labels = mask_tokens(ids, vocab, 0.6, pad, cls, mask, generator=torch.Generator().manual_seed(11))
+    assert torch.equal(torch.get_rng_state(), global_state)
+
+    replay = torch.Generator().manual_seed(11)
+    selected = torch.bernoulli(torch.full(ids.shape, 0.6), generator=replay).bool()
+    to_mask = torch.bernoulli(torch.full(ids.shape, 0.8), generator=replay).bool()
+    to_random = torch.bernoulli(torch.full(ids.shape, 0.5), generator=replay).bool()
+    words = torch.randint(vocab, ids.shape, dtype=torch.long, generator=replay)
+    want_ids, want_labels = ids.tolist(), ids.tolist()
+    for r, row in enumerate(ids.tolist()):
+        for c, token in enumerate(row):
+            if token in (pad, cls) or not selected[r, c]:
+                want_labels[r][c] = -100
+            elif to_mask[r, c]:
+                want_ids[r][c] = mask
+            elif to_random[r, c]:
+                want_ids[r][c] = int(words[r, c])
+    assert got_ids.tolist() == want_ids and got_labels.tolist() == want_labels
+    # the draws select, mask, randomise and keep some tokens, so every branch above was taken
+    eligible = (ids != pad) & (ids != cls)
+    assert (selected & eligible & to_mask).any() and (selected & eligible & ~to_mask & to_random).any()
+    assert (selected & eligible & ~to_mask & ~to_random).any() and (~selected & eligible).any()
+
+
+def test_mask_tokens_probability_zero_and_one():
+    ids = torch.tensor([[101, 150, 151, 0], [101, 152, 0, 0]])
+    masked_ids, labels = mask_tokens(ids, 515, 0.0, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(masked_ids, ids) and labels.tolist() == [[-100] * 4] * 2
+    _, labels = mask_tokens(ids, 515, 1.0, generator=torch.Generator().manual_seed(0))
+    assert labels.tolist() == [[-100, 150, 151, -100], [-100, 152, -100, -100]]
 
 
 def test_momentum_update_formula(tiny_model):
@@ -134,10 +175,13 @@ def test_itm_negatives_never_the_positive(tiny_model):
         assert not torch.any(neg_texts == torch.arange(6))
 
 
-def test_optimizer_groups_match_the_original(tiny_model):
+def test_optimizer_groups_match_the_full_size_manifest(tiny_model):
+    """The tiny model has the full-size module structure: its groups are those the original's rule gives
+    for the full-size parameter names (302 without and 181 with weight decay)."""
     optimizer = create_optimizer({"opt": "adamW", "lr": 1e-4, "weight_decay": 0.02}, tiny_model)
     no_decay, decay = optimizer.param_groups
-    assert (len(no_decay["params"]), len(decay["params"])) == (302, 181)
+    expected = manifest_weight_decay_groups(os.path.join(PARITY, "manifests", "pretrain.json"))
+    assert (len(no_decay["params"]), len(decay["params"])) == expected == (302, 181)
     names = {id(p): n for n, p in tiny_model.named_parameters()}
     assert names[id(no_decay["params"][0])] == "visual_encoder.patch_embed.proj.bias"
     assert names[id(decay["params"][0])] == "temp"

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import pytest
 
-from tools import properties
-from tools.properties import PROPERTIES, run_property, same, yaml_text
+pytest.importorskip("hypothesis")
+
+from tools import properties  # noqa: E402
+from tools.properties import PROPERTIES, run_property, same, yaml_text  # noqa: E402
 
 EXAMPLES = 25
 

@@ -381,10 +381,37 @@ def read_log(output_dir: Path) -> tuple[list[dict], str]:
     return [json.loads(re.sub(r"^(best epoch: \d+)+", "", line)) for line in lines], tail
 
 
-def check_metrics(line: dict) -> None:
-    for metric in METRICS:
-        value = line[f"test_{metric}"]
-        assert isinstance(value, float) and 0.0 <= value <= 100.0
+def check_metrics(line: dict, annotation_file: str) -> None:
+    """What the logged recalls must be whatever the ranks: counts out of the images (text retrieval) or
+    captions (image retrieval) in percent, growing with k, 100 at k >= the number of images, and means."""
+    entries = json.loads(Path(annotation_file).read_text())
+    counts = {"txt": len(entries), "img": sum(len(e["caption"]) for e in entries)}
+    candidates = {"txt": counts["img"], "img": counts["txt"]}
+    for side, queries in counts.items():
+        recalls = [line[f"test_{side}_r{k}"] for k in (1, 5, 10)]
+        for k, value in zip((1, 5, 10), recalls):
+            hits = value * queries / 100
+            assert isinstance(value, float) and abs(hits - round(hits)) < 1e-9, (side, k, value)
+            if k >= candidates[side]:
+                assert value == 100.0, (side, k, value)
+        assert recalls == sorted(recalls)
+        assert line[f"test_{side}_r_mean"] == pytest.approx(sum(recalls) / 3)
+    assert line["test_r_mean"] == pytest.approx((line["test_txt_r_mean"] + line["test_img_r_mean"]) / 2)
+
+
+def recalls_by_hand(score_i2t: np.ndarray, score_t2i: np.ndarray, annotation_file: str) -> dict[str, float]:
+    """Recall@1/5/10 from score matrices, ranking as the original (``argsort`` reversed, ties included)."""
+    entries = json.loads(Path(annotation_file).read_text())
+    image_of = [i for i, entry in enumerate(entries) for _ in entry["caption"]]
+
+    def rank(row: np.ndarray, wanted: list[int]) -> int:
+        order = list(np.argsort(row)[::-1])
+        return min(order.index(w) for w in wanted)
+
+    ranks = {"txt": [rank(row, [t for t, i2 in enumerate(image_of) if i2 == i]) for i, row in enumerate(score_i2t)],
+             "img": [rank(row, [image_of[t]]) for t, row in enumerate(score_t2i)]}
+    return {f"{side}_r{k}": 100.0 * sum(r < k for r in values) / len(values)
+            for side, values in ranks.items() for k in (1, 5, 10)}
 
 
 @pytest.fixture(scope="module")
@@ -417,7 +444,7 @@ def test_finetune_one_process(trained, data):
     lines, tail = read_log(output_dir)
     assert len(lines) == 1 and list(lines[0]) == TRAIN_LOG_KEYS and lines[0]["epoch"] == 0
     assert re.fullmatch(r"\d+\.\d{3}", lines[0]["train_loss_ita"])
-    check_metrics(lines[0])
+    check_metrics(lines[0], data["re_test"])
     assert tail == "best epoch: 0"
     checkpoint = load_checkpoint(output_dir / "checkpoint_best.pth")
     assert list(checkpoint)[:5] == ["model", "optimizer", "lr_scheduler", "config", "epoch"]
@@ -475,6 +502,11 @@ def test_two_processes_finetune_and_agree_with_one_process_evaluation(trained, d
                    extra=(f"save_sims={folder / 'sims'}",))
         sims[processes] = {name: np.load(folder / "sims" / f"{name}.npy")
                            for name in ("sims_matrix", "score_matrix_i2t", "score_matrix_t2i")}
+        logged = read_log(folder)[0][0]
+        check_metrics(logged, data["re_test2"])
+        expected = recalls_by_hand(sims[processes]["score_matrix_i2t"], sims[processes]["score_matrix_t2i"],
+                                   data["re_test2"])
+        assert {k: logged[f"test_{k}"] for k in expected} == pytest.approx(expected)
     for name, matrix in sims[1].items():
         np.testing.assert_allclose(sims[2][name], matrix, atol=1e-5, rtol=1e-5, err_msg=name)
     assert sims[1]["score_matrix_i2t"].shape == (6, 30) and sims[1]["score_matrix_t2i"].shape == (30, 6)
@@ -492,5 +524,5 @@ def test_zero_shot_from_the_pretraining_checkpoint_on_another_split(data, pretra
     # without --evaluate the evaluation is repeated once per scheduler epoch, with the same result
     assert [line["epoch"] for line in lines] == [0, 1] and list(lines[0]) == EVAL_LOG_KEYS
     assert {k: v for k, v in lines[0].items() if k != "epoch"} == {k: v for k, v in lines[1].items() if k != "epoch"}
-    check_metrics(lines[0])
+    check_metrics(lines[0], data["re_test2"])
     assert not any(p.suffix == ".npy" for p in output_dir.rglob("*"))

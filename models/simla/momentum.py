@@ -70,6 +70,20 @@ class MomentumMixin:
             self.register_buffer("idx_queue", torch.full((1, self.queue_size), -100))
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
 
+    def check_queue_fits(self, batch_size: int, world_size: int) -> None:
+        """Refuse, before training, a batch that cannot be written at the stored queue position (the
+        global batch must divide ``queue_size`` and the pointer, e.g. after resuming with another batch)."""
+        if not hasattr(self, "queue_ptr"):
+            return
+        global_batch = batch_size * world_size
+        ptr = int(self.queue_ptr)
+        if self.queue_size % global_batch or ptr % global_batch:
+            raise ValueError(
+                f"the feature queue cannot take this run's batches: queue_size {self.queue_size}, batch size "
+                f"{batch_size} x world size {world_size} = {global_batch} per step, stored queue_ptr {ptr}; "
+                f"queue_size and queue_ptr must both be multiples of {global_batch} (resume with the batch "
+                "size and number of processes the checkpoint was written with, or choose ones that divide both)")
+
     @torch.no_grad()
     def _dequeue_and_enqueue(self, image_feat: torch.Tensor, text_feat: torch.Tensor,
                              idx: torch.Tensor | None = None) -> None:

@@ -75,6 +75,9 @@ class SIMLA(MomentumMixin, nn.Module):
         self.pad_token_id = int(getattr(tokenizer, "pad_token_id", PAD_ID))
         self.mask_token_id = int(getattr(tokenizer, "mask_token_id", MASK_ID))
         self.mlm_probability = float(config["mlm_probability"])
+        # a batch in which the 15 % draw masks no token: MLM loss zero (counted), or the original's NaN
+        self.mlm_empty_mask_nan = bool(config.get("mlm_empty_mask_nan", False))
+        self._empty_mlm_steps: torch.Tensor | None = None
         embed_dim = int(config["embed_dim"])
         vision_width = int(config["vision_width"])
         from_scratch = bool(config.get("from_scratch", False))
@@ -131,6 +134,18 @@ class SIMLA(MomentumMixin, nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.visual_encoder.set_grad_checkpointing(enable)
         self.text_encoder.set_grad_checkpointing(enable)
+
+    def _count_empty_mlm(self, selected: torch.Tensor) -> None:
+        # kept on the device (no synchronisation); read once per epoch by epoch_counters()
+        empty = (~selected.any()).long()
+        self._empty_mlm_steps = empty if self._empty_mlm_steps is None else self._empty_mlm_steps + empty
+
+    def epoch_counters(self) -> dict[str, torch.Tensor]:
+        """Counts since the last call, for the epoch's log: ``mlm_empty_steps``, steps whose batch had no
+        masked token."""
+        empty = self._empty_mlm_steps
+        self._empty_mlm_steps = None
+        return {"mlm_empty_steps": torch.zeros((), dtype=torch.long) if empty is None else empty}
 
     def mask(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Masked-LM input ids and labels for this step."""
@@ -256,7 +271,8 @@ class SIMLA(MomentumMixin, nn.Module):
         loss_mlm = self.text_encoder(mlm_ids, attention_mask=text_mask, encoder_hidden_states=image_embeds,
                                      encoder_attention_mask=image_atts, labels=mlm_labels,
                                      soft_labels=soft_labels_mlm, alpha=alpha, mode="multimodal",
-                                     encoder_kv=image_kv).loss
+                                     encoder_kv=image_kv, nan_without_labels=self.mlm_empty_mask_nan).loss
+        self._count_empty_mlm(selected)
         if return_intermediates:
             inter.update(mlm_input_ids=mlm_ids, mlm_labels=mlm_labels,
                          mlm_teacher_logits=self.text_encoder_m.cls(hidden_m).detach())
