@@ -8,27 +8,23 @@ python -m torch.distributed.launch --nproc_per_node=8 --use_env Pretrain.py --co
 from __future__ import annotations
 
 import argparse
-import datetime
-import time
 from typing import Any
 
 import torch
 
 from dataset import SafeCollate, create_dataset
-from dataset.resumable import create_train_loader
-from engine.checkpoint import checkpoint_path, interpolate_pos_embeds, load_model_state, read_checkpoint
+from engine.checkpoint import load_checkpoint_into, resume_point
 from engine.cli import base_parser
 from engine.consistency import check_replicas_agree
-from engine.loop import EpochSettings, train_epoch
-from engine.resume import ResumePoint
+from engine.fit import FitPlan, fit
+from engine.loop import EpochSettings
 from engine.runtime import RunContext, setup_run, wrap_ddp
 from engine.tracking import Tracker
-from engine.training import schedule_epochs, training_parts
+from engine.training import schedule_epochs, training_loader, training_parts
 from models.dvae import DalleVAE
-from models.simla.pretrain import SIMLA
+from models.simla.pretrain import SIMLA, checkpoint_filter_fn
 from models.tokenization import build_tokenizer
-from scheduler import epoch_start_step
-from utils import append_log, barrier, get_rank, get_world_size, is_main_process
+from utils import get_world_size
 
 LOSS_NAMES = ("loss_mlm", "loss_ita", "loss_itm", "loss_mim", "loss_pseudo")
 
@@ -64,62 +60,39 @@ def main(args: argparse.Namespace) -> None:
     print("Creating dataset")
     dataset = create_dataset("pretrain", config)
     batch_size = int(config["batch_size"])
-    loader, sampler = create_train_loader(dataset, batch_size, args.num_workers, SafeCollate(), seed=args.seed,
-                                          num_replicas=get_world_size(), rank=get_rank())
-    if len(loader) == 0:
-        raise ValueError(f"{config['train_file']}: {len(dataset)} samples give no full batch of "
-                         f"{config['batch_size']} per process")
+    loader, sampler = training_loader(args, config, dataset, batch_size, SafeCollate())
 
     tokenizer = build_tokenizer(args.text_encoder)
     print("Creating model")
     model = SIMLA(text_encoder=args.text_encoder, tokenizer=tokenizer, config=config)
     model = model.to(device)
-    optimizer, scheduler, scaler, checkpointer = training_parts(args, config, model, model, device, sampler,
-                                                                batch_size)
-    point = ResumePoint()
+    parts = training_parts(args, config, model, model, device, sampler, batch_size)
+    checkpoint = None
     if args.checkpoint:
-        checkpoint = read_checkpoint(args.checkpoint, trust=args.trust_checkpoint)
-        state_dict = dict(checkpoint["model"])
-        if args.resume:
-            point = checkpointer.restore(checkpoint, args.checkpoint, len(loader))
-        else:
-            interpolate_pos_embeds(state_dict, model)
-        load_model_state(model, state_dict, args.checkpoint, strict=True)
-        del checkpoint
-
+        checkpoint, _ = load_checkpoint_into(model, args.checkpoint, checkpoint_filter_fn, "Pretrain.py",
+                                             own=args.resume, trust=args.trust_checkpoint)
+    point = resume_point(parts.checkpointer, checkpoint, args, len(loader))
+    del checkpoint
     model, model_without_ddp = wrap_ddp(model, ctx)
 
     print("Loading image tokenizer.")
     dvae = DalleVAE.load(config["image_tokenizer_path"], device)
     print(f"Loaded image tokenizer from {config['image_tokenizer_path']}")
 
-    backend = "none" if args.log_backend == "wandb" and config.get("disable_wandb") else args.log_backend
-    tracker = Tracker(backend, args.output_dir, config)
-    max_epoch, warmup_epochs = schedule_epochs(config)
-    settings = EpochSettings.for_run(args, LOSS_NAMES, warmup_epochs=warmup_epochs, counted_batches=True)
+    def check_replicas(last_epoch: int) -> None:
+        # every process must end with the same weights, buffers and queues as the saved checkpoint
+        fingerprint = check_replicas_agree(model_without_ddp)
+        agreement = f" (identical on all {get_world_size()} processes)" if get_world_size() > 1 else ""
+        print(f"Model state fingerprint: {fingerprint}{agreement}")
 
-    print("Start training")
-    start_time = time.time()
-    checkpointer.start(point)
-    for epoch in range(point.epoch, max_epoch):
-        if point.start_step(epoch) == 0:
-            epoch_start_step(scheduler, epoch, warmup_epochs)
-        step = make_step(model, tokenizer, dvae, config, device, epoch)
-        train_stats = train_epoch(model, loader, optimizer, scheduler, epoch, device, step, settings,
-                                  scaler=scaler, checkpointer=checkpointer, point=point, tracker=tracker)
-        checkpointer.finish_epoch(epoch, checkpoint_path(args.output_dir, epoch),
-                                  keep_last=args.save_every_steps > 0)
-        if is_main_process():
-            log_stats = {f"train_{k}": v for k, v in train_stats.items()}
-            log_stats["epoch"] = epoch
-            append_log(args.output_dir, log_stats)
-        barrier()
-    # every process must end with the same weights, buffers and queues as the saved checkpoint
-    fingerprint = check_replicas_agree(model_without_ddp)
-    agreement = f" (identical on all {get_world_size()} processes)" if get_world_size() > 1 else ""
-    print(f"Model state fingerprint: {fingerprint}{agreement}")
-    tracker.close()
-    print(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
+    backend = "none" if args.log_backend == "wandb" and config["disable_wandb"] else args.log_backend
+    epochs, warmup_epochs = schedule_epochs(config)
+    plan = FitPlan(make_step=lambda epoch: make_step(model, tokenizer, dvae, config, device, epoch), loader=loader,
+                   settings=EpochSettings.for_run(args, LOSS_NAMES, warmup_epochs=warmup_epochs,
+                                                  counted_batches=True),
+                   epochs=epochs, schedule="epoch_start", save_each_epoch=True)
+    fit(model, plan, parts, point, Tracker(backend, args.output_dir, config), args.output_dir, device,
+        keep_last=args.save_every_steps > 0, after=check_replicas)
 
 
 def get_parser() -> argparse.ArgumentParser:

@@ -22,18 +22,19 @@ import time
 import numpy as np
 import torch
 
-from dataset import create_dataset, create_loader
-from engine.checkpoint import read_checkpoint
+from dataset import create_dataset
+from engine.checkpoint import load_checkpoint_into
 from engine.cli import base_parser
+from engine.metrics import append_log
 from engine.retrieval_eval import RetrievalScores, evaluation, itm_eval
 from engine.runtime import RunContext, setup_run, wrap_ddp
-from models.simla.retrieval import SIMLA, load_retrieval_checkpoint
+from engine.training import evaluation_loaders
+from models.simla.retrieval import SIMLA, checkpoint_filter_fn
 from models.tokenization import build_tokenizer
 from optim import create_optimizer
 from scheduler import create_scheduler, epoch_end_step
-from utils import append_log, barrier, is_main_process
+from utils import barrier, is_main_process
 
-SCRIPT = "zero_shot_retrieval.py"
 SIMS_FILES = ("sims_matrix.npy", "score_matrix_i2t.npy", "score_matrix_t2i.npy")
 
 
@@ -53,16 +54,14 @@ def main(args: argparse.Namespace) -> None:
     print("Creating retrieval dataset")
     _train_dataset, _val_dataset, test_dataset = create_dataset("re", config)
     # evaluation only: every process reads the whole split and encodes its own share of it
-    test_loader = create_loader([test_dataset], [None], batch_size=[int(config["batch_size_test"])],
-                                num_workers=[args.num_workers], is_trains=[False], collate_fns=[None])[0]
+    (test_loader,) = evaluation_loaders(args, [test_dataset], int(config["batch_size_test"]), sharded=False)
 
     tokenizer = build_tokenizer(args.text_encoder)
     print("Creating model")
     model = SIMLA(config=config, text_encoder=args.text_encoder, tokenizer=tokenizer, idx_queue=False)
     if args.checkpoint:
-        checkpoint = read_checkpoint(args.checkpoint, trust=args.trust_checkpoint)
-        load_retrieval_checkpoint(model, checkpoint["model"], args.checkpoint, SCRIPT)
-        del checkpoint
+        load_checkpoint_into(model, args.checkpoint, checkpoint_filter_fn, "zero_shot_retrieval.py",
+                             trust=args.trust_checkpoint)
     model = model.to(device)
     model, model_without_ddp = wrap_ddp(model, ctx)
     # built as in the original; only stepped between repeated evaluations
@@ -70,8 +69,8 @@ def main(args: argparse.Namespace) -> None:
     scheduler, _ = create_scheduler(config["schedular"], optimizer)
 
     max_epoch = int(config["schedular"]["epochs"])
-    warmup_epochs = int(config["schedular"].get("warmup_epochs", 0) or 0)
-    sims_folder = config.get("save_sims") or args.output_dir
+    warmup_epochs = int(config["schedular"]["warmup_epochs"] or 0)
+    sims_folder = config["save_sims"] or args.output_dir
     start_time = time.time()
     for epoch in range(max_epoch):
         scores = evaluation(model_without_ddp, test_loader, tokenizer, device, config, amp=args.amp,

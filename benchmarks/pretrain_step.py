@@ -29,8 +29,9 @@ import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from benchmarks.memory import peak_rss_mb, rss_mb  # noqa: E402
+from configs.schema import patch_grid  # noqa: E402
 from dataset.masking import MaskingGenerator  # noqa: E402
-from engine.precision import autocast, grad_scaler  # noqa: E402
+from models.precision import autocast, grad_scaler  # noqa: E402
 from models.simla.pretrain import SIMLA  # noqa: E402
 from optim import create_optimizer  # noqa: E402
 from optim.in_backward import StepInBackward  # noqa: E402
@@ -52,8 +53,7 @@ PRESETS = {
 
 
 def make_batch(preset: dict, batch_size: int, device: torch.device, generator: torch.Generator):
-    res, patch = preset["image_res"], preset.get("patch_size", 16)
-    grid = res // patch
+    res, grid = preset["image_res"], patch_grid(preset)
     image = torch.randn(batch_size, 3, res, res, generator=generator)
     lengths = torch.randint(9, 14, (batch_size,), generator=generator)
     length = int(lengths.max())

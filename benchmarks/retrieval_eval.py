@@ -43,7 +43,7 @@ from engine.retrieval_eval import (  # noqa: E402
     per_query_scores,
     rerank,
 )
-from models.simla.retrieval import SIMLA, load_retrieval_checkpoint  # noqa: E402
+from models.simla.retrieval import SIMLA, checkpoint_filter_fn  # noqa: E402
 
 SMALL_BERT = {
     "architectures": ["BertForMaskedLM"], "attention_probs_dropout_prob": 0.1, "hidden_act": "gelu",
@@ -127,9 +127,9 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(0)
     model = SIMLA(config=config)
     if args.checkpoint:
-        from utils import load_checkpoint
+        from engine.checkpoint import load_checkpoint_into
 
-        load_retrieval_checkpoint(model, load_checkpoint(args.checkpoint)["model"], args.checkpoint, "Retrieval.py")
+        load_checkpoint_into(model, args.checkpoint, checkpoint_filter_fn, "Retrieval.py")
     model = model.to(device).eval()
     num_texts = args.images * args.captions_per_image
     images, ids, mask = synthetic_inputs(model, config, args.images, num_texts)

@@ -14,11 +14,14 @@ from configs.schema import (
     TASK_SCHEMAS,
     ConfigError,
     ConfigWarning,
+    FilledConfig,
     SectionSchema,
     TaskSchema,
+    as_written,
     canonical_task,
     extend_schema,
     validate_config,
+    with_defaults,
 )
 
 __all__ = [
@@ -27,9 +30,11 @@ __all__ = [
     "TASK_SCHEMAS",
     "ConfigError",
     "ConfigWarning",
+    "FilledConfig",
     "SectionSchema",
     "TaskSchema",
     "apply_overrides",
+    "as_written",
     "canonical_task",
     "dump_config",
     "extend_schema",
@@ -38,4 +43,5 @@ __all__ = [
     "resolve_config_path",
     "save_config",
     "validate_config",
+    "with_defaults",
 ]

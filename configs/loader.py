@@ -26,7 +26,6 @@ import errno
 import io
 import json
 import os
-import secrets
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -34,8 +33,8 @@ from typing import Any
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
-from configs.schema import ConfigError, validate_config
-from utils import remove_stale_partial_files
+from configs.schema import ConfigError, as_written, validate_config
+from utils import atomic_write
 
 __all__ = [
     "ConfigError",
@@ -309,27 +308,11 @@ def dump_config(config: Mapping[str, Any]) -> str:
     return text
 
 
-def _atomic_write_text(target: str, text: str) -> None:
-    directory = os.path.dirname(os.path.abspath(target))
-    remove_stale_partial_files(directory, os.path.basename(target))
-    tmp = os.path.join(directory, f".{os.path.basename(target)}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_config(config: Mapping[str, Any], output_dir: str | os.PathLike[str]) -> str:
-    """Write ``output_dir/config.yaml`` atomically (creating ``output_dir``); return its path."""
-    text = dump_config(config)
+    """Write ``output_dir/config.yaml`` atomically (creating ``output_dir``), without the defaults
+    :func:`~configs.schema.with_defaults` filled in; return its path."""
+    text = dump_config(as_written(config))
     os.makedirs(output_dir, exist_ok=True)
     target = os.path.join(os.fspath(output_dir), "config.yaml")
-    _atomic_write_text(target, text)
+    atomic_write(target, lambda handle: handle.write(text.encode("utf-8")))
     return target

@@ -12,6 +12,10 @@ the value. Integers are accepted where a float is expected, booleans are never t
 ``null`` only for keys that give it a meaning (an unset option, "no limit"). Loading checks all of this
 before any data is read.
 
+Optional keys have their defaults declared here once: :func:`with_defaults` fills in the absent ones
+(the code then reads ``config[key]``) and :func:`as_written` leaves them out again for ``config.yaml`` and
+the checkpoints' ``config`` entry.
+
 To teach the validator about a new key, add it to the task's ``optional`` mapping (or to
 ``COMMON_OPTIONAL``) and give it a type in :data:`KEY_TYPES`, or call :func:`extend_schema` from the
 code that introduces the key.
@@ -19,6 +23,7 @@ code that introduces the key.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -335,6 +340,62 @@ def extend_schema(
     if types:
         schema.types.update(types)
     return schema
+
+
+class FilledConfig(dict):
+    """A config with the schema's defaults filled in; ``filled`` names the keys that were absent
+    (``section.key`` inside the sections), which :func:`as_written` leaves out again."""
+
+    filled: frozenset[str] = frozenset()
+
+
+def with_defaults(config: Mapping[str, Any], task: str) -> FilledConfig:
+    """A copy of ``config`` in which every absent optional key of ``task`` (and of its sections) has its
+    declared default; ``config`` itself is not changed."""
+    schema = TASK_SCHEMAS[canonical_task(task)]
+    result = FilledConfig(config)
+    filled = set(getattr(config, "filled", ()))
+    for key, default in {**COMMON_OPTIONAL, **schema.optional}.items():
+        if key not in result:
+            result[key] = copy.deepcopy(default)
+            filled.add(key)
+    for section, section_schema in SECTION_SCHEMAS.items():
+        values = result.get(section)
+        missing = [k for k in section_schema.optional if isinstance(values, Mapping) and k not in values]
+        if missing:
+            result[section] = {**values, **{k: copy.deepcopy(section_schema.optional[k]) for k in missing}}
+            filled.update(f"{section}.{k}" for k in missing)
+    result.filled = frozenset(filled)
+    return result
+
+
+def as_written(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A plain copy of ``config`` without the keys :func:`with_defaults` filled in: what ``config.yaml``
+    and the checkpoints' ``config`` entry hold."""
+    filled = getattr(config, "filled", frozenset())
+    written = {k: v for k, v in config.items() if k not in filled}
+    for section in SECTION_SCHEMAS:
+        if any(key.startswith(f"{section}.") for key in filled) and isinstance(written.get(section), Mapping):
+            written[section] = {k: v for k, v in written[section].items() if f"{section}.{k}" not in filled}
+    return written
+
+
+def section_values(section: Mapping[str, Any] | Any, name: str, required: Iterable[str] = ()) -> dict[str, Any]:
+    """The ``name`` section (``optimizer`` or ``schedular``, a mapping or an attribute-style object) with
+    the schema's default for every absent or null key; a missing section key or ``required`` key is a
+    ``KeyError`` naming it."""
+    given = section if isinstance(section, Mapping) else vars(section)
+    schema = SECTION_SCHEMAS[name]
+    values = {**schema.optional, **{k: v for k, v in given.items() if v is not None}}
+    for key in (*schema.required, *required):
+        if values.get(key) is None:
+            raise KeyError(f"{name} config is missing the required key '{key}'")
+    return values
+
+
+def patch_grid(config: Mapping[str, Any]) -> int:
+    """Side of the ViT patch grid: ``image_res // patch_size``."""
+    return int(config["image_res"]) // int(config.get("patch_size", COMMON_OPTIONAL["patch_size"]))
 
 
 def expected_type(task: str, key: str) -> ValueType | None:

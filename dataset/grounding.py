@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from configs.schema import with_defaults
 from dataset.annotations import (
     AnnotationError,
     annotations_by_file,
@@ -210,8 +211,9 @@ class GroundingDataset(Dataset):
 def create_grounding_datasets(config: Mapping[str, Any]) -> tuple[GroundingDataset, GroundingDataset]:
     """``(train, test)``: ``train_file`` with the grounding training transform, ``test_file`` (val and
     test JSON files) with the test transform."""
+    config = with_defaults(config, "grounding")
     transforms = build_transforms(config)
-    max_words = int(config.get("max_words", 30))
+    max_words = int(config["max_words"])
     root = config["image_root"]
     pixels = max_pixels_from_config(config)
     train = GroundingDataset(config["train_file"], transforms["grounding_train"], root, max_words, "train",

@@ -22,14 +22,16 @@ from typing import Any
 
 from PIL import Image, ImageFile
 
+from configs.schema import COMMON_OPTIONAL
+
 ImageFile.LOAD_TRUNCATED_IMAGES = True
 Image.MAX_IMAGE_PIXELS = None
 
 # 2**28 pixels = 16384 x 16384, 768 MiB once decoded to 8-bit RGB: about three times the largest photos
 # of the public image-text sets (100-megapixel scans fit) while a crafted file that claims, say,
 # 65535 x 65535 pixels (12 GiB decoded) per DataLoader worker is refused from its header alone.
-DEFAULT_MAX_IMAGE_PIXELS = 2 ** 28
 MAX_IMAGE_PIXELS_KEY = "max_image_pixels"
+DEFAULT_MAX_IMAGE_PIXELS = COMMON_OPTIONAL[MAX_IMAGE_PIXELS_KEY]
 
 # first failures reported one by one, later ones only when the count reaches a power of ten
 REPORT_FIRST = 10
@@ -52,8 +54,7 @@ class UnreadableImageWarning(UserWarning):
 
 def max_pixels_from_config(config: Any) -> int | None:
     """The ``max_image_pixels`` of a config: a positive integer, or ``None`` (``null`` / 0: no limit)."""
-    value = config.get(MAX_IMAGE_PIXELS_KEY, DEFAULT_MAX_IMAGE_PIXELS)
-    return check_max_pixels(value)
+    return check_max_pixels(config[MAX_IMAGE_PIXELS_KEY])
 
 
 def check_max_pixels(value: Any) -> int | None:

@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from configs.schema import patch_grid
+
 
 class MaskingGenerator:
     """Draw a 0/1 mask (1 = masked) made of random rectangular blocks, using Python's ``random``.
@@ -85,18 +87,16 @@ class MaskingGenerator:
 
 
 def masking_generator_from_config(config: Mapping[str, Any]) -> MaskingGenerator:
-    """Build the pretraining mask generator for the ViT patch grid of ``config``.
-
-    Optional keys: ``patch_size`` (16), ``mask_num_patches`` (75), ``mask_min_patches`` (16),
-    ``mask_min_aspect`` (0.3), ``mask_max_aspect`` (``1 / mask_min_aspect``).
-    """
-    window = int(config["image_res"]) // int(config.get("patch_size", 16))
-    max_aspect = config.get("mask_max_aspect")
+    """Build the pretraining mask generator for the ViT patch grid of ``config`` (``patch_size``,
+    ``mask_num_patches``, ``mask_min_patches``, ``mask_min_aspect``, ``mask_max_aspect``; a null
+    ``mask_max_aspect`` is ``1 / mask_min_aspect``)."""
+    window = patch_grid(config)
+    max_aspect = config["mask_max_aspect"]
     return MaskingGenerator(
         (window, window),
-        num_masking_patches=int(config.get("mask_num_patches", 75)),
-        min_num_patches=int(config.get("mask_min_patches", 16)),
+        num_masking_patches=int(config["mask_num_patches"]),
+        min_num_patches=int(config["mask_min_patches"]),
         max_num_patches=None,
-        min_aspect=float(config.get("mask_min_aspect", 0.3)),
+        min_aspect=float(config["mask_min_aspect"]),
         max_aspect=None if max_aspect is None else float(max_aspect),
     )

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from configs.schema import with_defaults
 from dataset.annotations import (
     AnnotationError,
     annotations_by_file,
@@ -78,9 +79,10 @@ class NlvrDataset(Dataset):
 
 def create_nlvr_datasets(config: Mapping[str, Any]) -> tuple[NlvrDataset, NlvrDataset, NlvrDataset]:
     """``(train, val, test)``: the train split with the training augmentation, the others resized only."""
+    config = with_defaults(config, "nlvr")
     transforms = build_transforms(config)
     root = config["image_root"]
-    max_words = int(config.get("max_words", 30))
+    max_words = int(config["max_words"])
     pixels = max_pixels_from_config(config)
     return (
         NlvrDataset(config["train_file"], transforms["train"], root, max_words, "train_file", pixels),

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from configs.schema import with_defaults
 from dataset.annotations import AnnotationError, annotations_by_file, as_file_list, require_text
 from dataset.collate import SafeCollate
 from dataset.images import DEFAULT_MAX_IMAGE_PIXELS, ImageReader, max_pixels_from_config
@@ -61,6 +62,7 @@ class PretrainDataset(Dataset):
 
 
 def create_pretrain_dataset(config: Mapping[str, Any]) -> PretrainDataset:
+    config = with_defaults(config, "pretrain")
     return PretrainDataset(config["train_file"], PretrainViews(config), masking_generator_from_config(config),
-                           max_words=int(config.get("max_words", 30)),
+                           max_words=int(config["max_words"]),
                            max_image_pixels=max_pixels_from_config(config))

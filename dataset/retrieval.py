@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from configs.schema import with_defaults
 from dataset.annotations import (
     AnnotationError,
     annotations_by_file,
@@ -121,8 +122,9 @@ class RetrievalEvalDataset(Dataset):
 def create_retrieval_datasets(config: Mapping[str, Any]
                               ) -> tuple[RetrievalTrainDataset, RetrievalEvalDataset, RetrievalEvalDataset]:
     """``(train, val, test)`` from ``train_file``, ``val_file``, ``test_file`` and ``image_root``."""
+    config = with_defaults(config, "retrieval")
     transforms = build_transforms(config)
-    max_words = int(config.get("max_words", 30))
+    max_words = int(config["max_words"])
     root = config["image_root"]
     pixels = max_pixels_from_config(config)
     train = RetrievalTrainDataset(config["train_file"], transforms["train"], root, max_words, pixels)

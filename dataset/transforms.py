@@ -12,6 +12,7 @@ from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
+from configs.schema import patch_grid
 from dataset.randaugment import PIPELINE_OPS, RandomAugment
 
 # CLIP image statistics, used by every normalised pipeline.
@@ -35,18 +36,16 @@ def map_pixels(x: torch.Tensor, eps: float = LOGIT_LAPLACE_EPS) -> torch.Tensor:
 
 
 def build_randaugment(config: Mapping[str, Any]) -> RandomAugment:
-    """RandAugment as used by all training pipelines (N=2, M=7, the ten pipeline ops).
-
-    Optional keys: ``randaugment_clip_sharpness`` and ``randaugment_fix_autocontrast`` (both default
-    False, i.e. the original behaviour; see :mod:`dataset.randaugment`).
-    """
+    """RandAugment as used by all training pipelines (N=2, M=7, the ten pipeline ops), with the
+    config's ``randaugment_clip_sharpness`` and ``randaugment_fix_autocontrast`` (see
+    :mod:`dataset.randaugment`)."""
     return RandomAugment(
         N=2,
         M=7,
         isPIL=True,
         augs=list(PIPELINE_OPS),
-        clip_sharpness=bool(config.get("randaugment_clip_sharpness", False)),
-        fix_autocontrast=bool(config.get("randaugment_fix_autocontrast", False)),
+        clip_sharpness=bool(config["randaugment_clip_sharpness"]),
+        fix_autocontrast=bool(config["randaugment_fix_autocontrast"]),
     )
 
 
@@ -57,7 +56,7 @@ def _normalize() -> T.Normalize:
 def dvae_resolution(config: Mapping[str, Any]) -> int:
     """Side of the d-VAE input: the d-VAE downsamples by 8, so its code grid matches the ViT patch
     grid (``image_res // 2`` for the original's 16-pixel patches)."""
-    return (int(config["image_res"]) // int(config.get("patch_size", 16))) * 8
+    return patch_grid(config) * 8
 
 
 def build_transforms(config: Mapping[str, Any]) -> dict[str, Callable[[Image.Image], torch.Tensor]]:
@@ -138,9 +137,9 @@ class PretrainViews:
         config: Mapping[str, Any],
         transforms: Mapping[str, Callable[[Image.Image], torch.Tensor]] | None = None,
     ) -> None:
-        self.aligned = bool(config.get("mim_aligned_views", False))
+        self.aligned = bool(config["mim_aligned_views"])
         self.image_res = int(config["image_res"])
-        self.patch_size = int(config.get("patch_size", 16))
+        self.tokenizer_size = dvae_resolution(config)
         built = transforms if transforms is not None else build_transforms(config)
         self.image_transform = built["pretrain"]
         self.tokenizer_transform = built["visual_tokenizer"]
@@ -163,6 +162,6 @@ class PretrainViews:
         if torch.rand(1) < 0.5:
             crop = TF.hflip(crop)
         augmented = np.ascontiguousarray(self.randaugment(crop))
-        size = dvae_resolution({"image_res": res, "patch_size": self.patch_size})
+        size = self.tokenizer_size
         small = Image.fromarray(augmented).resize((size, size), Image.Resampling.BICUBIC)
         return self.to_image_tensor(augmented), self.to_tokenizer_tensor(small)

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from configs.schema import with_defaults
 from dataset.annotations import (
     AnnotationError,
     annotations_by_file,
@@ -69,9 +70,10 @@ class VeDataset(Dataset):
 
 def create_ve_datasets(config: Mapping[str, Any]) -> tuple[VeDataset, VeDataset, VeDataset]:
     """``(train, val, test)``: the train split with the training augmentation, the others resized only."""
+    config = with_defaults(config, "ve")
     transforms = build_transforms(config)
     root = config["image_root"]
-    max_words = int(config.get("max_words", 30))
+    max_words = int(config["max_words"])
     pixels = max_pixels_from_config(config)
     return (
         VeDataset(config["train_file"], transforms["train"], root, max_words, "train_file", pixels),

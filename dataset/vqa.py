@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from configs.schema import with_defaults
 from dataset.annotations import (
     AnnotationError,
     as_file_list,
@@ -165,6 +166,7 @@ class CountedVQACollate:
 
 def create_vqa_datasets(config: Mapping[str, Any]) -> tuple[VQADataset, VQADataset]:
     """``(train, test)`` as the original ``create_dataset("vqa", config)``."""
+    config = with_defaults(config, "vqa")
     transforms = build_transforms(config)
     pixels = max_pixels_from_config(config)
     train = VQADataset(config["train_file"], transforms["train"], config["vqa_root"], config["vg_root"],

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 import torch
 import torch.distributed as dist
 
-from utils import _group_device, get_world_size, is_dist_avail_and_initialized
+from utils import get_world_size, group_device, is_dist_avail_and_initialized
 
 DIGEST_BYTES = hashlib.sha256().digest_size
 
@@ -41,7 +41,7 @@ def check_replicas_agree(model: torch.nn.Module) -> str:
     fingerprint = state_fingerprint(model.state_dict())
     if not is_dist_avail_and_initialized():
         return fingerprint
-    device = _group_device()
+    device = group_device()
     local = torch.tensor(list(bytes.fromhex(fingerprint)), dtype=torch.uint8, device=device)
     gathered = [torch.empty_like(local) for _ in range(get_world_size())]
     dist.all_gather(gathered, local)

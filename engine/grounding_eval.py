@@ -24,8 +24,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from dataset.annotations import read_json
+from dataset.grounding import ReferAnnotations
+from engine.metrics import MetricLogger
 from models.simla.gradcam import gradcam
-from utils import MetricLogger, barrier, get_rank, get_world_size, is_main_process
+from utils import barrier, get_rank, get_world_size, is_main_process
+
+# the REFER annotations the original evaluates on
+REFER_DATASET, REFER_SPLIT_BY = "refcoco+", "unc"
 
 GROUNDING_SPLITS = ("val", "testA", "testB")
 BOX_SCORE_ALPHA = 0.5
@@ -234,3 +240,16 @@ def check_evaluation_inputs(ref_ids: Iterable[int], refer: Any, dets: Mapping[st
         raise ValueError(f"{test_files}: no referring expression of split(s) {empty} (REFER splits of the test "
                          f"refs: {counts}); the evaluation reports {[s + '_d' for s in GROUNDING_SPLITS]}")
     return counts
+
+
+def load_evaluation_inputs(config: Mapping[str, Any], ref_ids: Iterable[int]) -> tuple[Any, dict[str, Any]]:
+    """The REFER annotations (``refcoco_data``) and detections (``det_file``) the evaluation reads,
+    checked against the test expressions before training (``coco_file`` is read by the original but
+    never used)."""
+    refer = ReferAnnotations.load(config["refcoco_data"], REFER_DATASET, REFER_SPLIT_BY)
+    dets = read_json(config["det_file"])
+    if not isinstance(dets, dict):
+        raise ValueError(f"{config['det_file']}: expected a JSON object {{image id: [[x, y, w, h, ...], ...]}}")
+    counts = check_evaluation_inputs(ref_ids, refer, dets, config["test_file"], config["det_file"])
+    print(f"referring expressions to evaluate per split: {counts}")
+    return refer, dets

@@ -10,10 +10,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from engine.precision import autocast
+from engine.metrics import MetricLogger, SmoothedValue
+from models.precision import autocast
 from optim.in_backward import StepInBackward
 from scheduler import warmup_step
-from utils import MetricLogger, SmoothedValue, is_dist_avail_and_initialized
+from utils import is_dist_avail_and_initialized
 
 
 class NonFiniteLossError(RuntimeError):

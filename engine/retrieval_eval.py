@@ -37,8 +37,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from engine.precision import autocast
-from utils import MetricLogger, SmoothedValue, concat_all_gather, format_time, get_rank, get_world_size
+from engine.metrics import MetricLogger, SmoothedValue, format_time
+from models.precision import autocast
+from utils import concat_all_gather, get_rank, get_world_size
 
 #: Texts per tokenizer call (the original's chunk of 256) and at most per text-encoder pass.
 TEXT_CHUNK = 256
@@ -423,13 +424,13 @@ def evaluation(model: Any, data_loader: DataLoader, tokenizer: Any, device: torc
                config: Mapping[str, Any], amp: str = "none", keep_sims: bool = False) -> RetrievalScores:
     """The retrieval evaluation of ``data_loader``'s split (every rank must call it; all get the result).
 
-    Reads ``k_test`` and the optional ``itm_eval_batch_size`` from ``config``.
+    Reads ``k_test`` and ``itm_eval_batch_size`` from ``config``.
     """
     model.eval()
     print("Computing features for evaluation...")
     start_time = time.time()
     features = compute_features(model, data_loader, tokenizer, device, amp)
-    batch_size = int(config.get("itm_eval_batch_size") or DEFAULT_PAIR_BATCH)
+    batch_size = int(config["itm_eval_batch_size"])
     result = rerank(model, features, config["k_test"], batch_size, amp, keep_sims)
     print(f"Evaluation time {format_time(time.time() - start_time)} ({result.num_pairs} image-text pairs "
           f"re-ranked for {result.num_candidates} candidate entries)")

@@ -16,13 +16,13 @@ import torch
 import torch.backends.cudnn as cudnn
 from torch.nn.parallel import DistributedDataParallel
 
-from configs import load_config, save_config
+from configs import load_config, save_config, with_defaults
+from engine.checkpoint import check_checkpoint_format
+from engine.distributed import init_distributed_mode
 from utils import (
     barrier,
-    check_checkpoint_format,
     get_rank,
     get_world_size,
-    init_distributed_mode,
     is_dist_avail_and_initialized,
     is_main_process,
     seed_everything,
@@ -87,9 +87,10 @@ def prepare_output_dir(path: str) -> None:
 
 
 def setup_run(args: argparse.Namespace, task: str, extra_config: dict[str, Any] | None = None) -> RunContext:
-    """Load and validate the config, check that ``--checkpoint`` is a PyTorch checkpoint file, write
-    ``output_dir/config.yaml``, initialise distributed mode, pick the device and seed every generator
-    with ``seed + rank`` (all before any data is read)."""
+    """Load and validate the config and fill in the schema's defaults, check that ``--checkpoint`` is a
+    PyTorch checkpoint file, write ``output_dir/config.yaml`` (as written, see ``configs.as_written``),
+    initialise distributed mode, pick the device and seed every generator with ``seed + rank`` (all
+    before any data is read)."""
     config = load_config(args.config, args.overrides, task=task)
     checkpoint = getattr(args, "checkpoint", "")
     if checkpoint and not os.path.isfile(checkpoint):
@@ -101,6 +102,7 @@ def setup_run(args: argparse.Namespace, task: str, extra_config: dict[str, Any] 
             raise SystemExit(f"error: --checkpoint {exc}") from None
     if extra_config:
         config.update(extra_config)
+    config = with_defaults(config, task)
     init_distributed_mode(args)
     if is_main_process():
         prepare_output_dir(args.output_dir)

@@ -3,15 +3,20 @@ checkpointer, from the config's ``optimizer:`` and ``schedular:`` sections and t
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
+from torch.utils.data import DataLoader
 
-from engine.precision import grad_scaler
-from engine.resume import TrainingCheckpointer
+from configs import as_written
+from dataset import create_loader, create_sampler
+from dataset.resumable import create_train_loader
+from engine.checkpoint import TrainingCheckpointer
+from models.precision import grad_scaler
 from optim import create_optimizer
 from scheduler import create_scheduler
+from utils import get_rank, get_world_size
 
 
 class TrainingParts(NamedTuple):
@@ -35,7 +40,7 @@ def training_parts(args: Any, config: Mapping[str, Any], model: torch.nn.Module,
     optimizer = create_optimizer(config["optimizer"], model)
     scheduler, _ = create_scheduler(config["schedular"], optimizer)
     scaler = grad_scaler(device, args.amp)
-    checkpointer = TrainingCheckpointer(args.output_dir, state_model, optimizer, scheduler, config, scaler,
+    checkpointer = TrainingCheckpointer(args.output_dir, state_model, optimizer, scheduler, as_written(config), scaler,
                                         sampler, batch_size)
     return TrainingParts(optimizer, scheduler, scaler, checkpointer)
 
@@ -46,7 +51,7 @@ def starting_weights(args: Any, config: Mapping[str, Any], model: torch.nn.Modul
     if args.checkpoint:
         resumed = " (resumed)" if getattr(args, "resume", False) else ""
         return f"Starting weights: checkpoint {args.checkpoint}{resumed}"
-    if config.get("from_scratch", False):
+    if config["from_scratch"]:
         return "Starting weights: random (from_scratch: true, no --checkpoint)"
     deit = getattr(getattr(model, "visual_encoder", None), "init_source", None)
     parts = [f"ViT from DeiT {deit}" if deit else "random ViT",
@@ -57,6 +62,28 @@ def starting_weights(args: Any, config: Mapping[str, Any], model: torch.nn.Modul
 
 
 def schedule_epochs(config: Mapping[str, Any]) -> tuple[int, int]:
-    """``(epochs, warmup_epochs)`` of the config's ``schedular:`` section (no warm-up when absent)."""
+    """``(epochs, warmup_epochs)`` of the config's ``schedular:`` section (no warm-up when null)."""
     schedule = config["schedular"]
-    return int(schedule["epochs"]), int(schedule.get("warmup_epochs", 0) or 0)
+    return int(schedule["epochs"]), int(schedule["warmup_epochs"] or 0)
+
+
+def training_loader(args: Any, config: Mapping[str, Any], dataset: Any, batch_size: int, collate_fn: Any,
+                    items: str = "samples", required: bool = True) -> tuple[DataLoader, Any]:
+    """The run's resumable training loader and sampler (this process's shard, ``--seed``,
+    ``--num_workers``); a dataset without one full batch per process is refused when ``required``."""
+    loader, sampler = create_train_loader(dataset, batch_size, args.num_workers, collate_fn, seed=args.seed,
+                                          num_replicas=get_world_size(), rank=get_rank())
+    if required and len(loader) == 0:
+        raise ValueError(f"{config['train_file']}: {len(dataset)} {items} give no full batch of {batch_size} "
+                         "per process")
+    return loader, sampler
+
+
+def evaluation_loaders(args: Any, datasets: Sequence[Any], batch_size: int, sharded: bool = True
+                       ) -> list[DataLoader]:
+    """Loaders over evaluation splits; ``sharded``: in a distributed run each process reads its share."""
+    count = len(datasets)
+    samplers = (create_sampler(datasets, [False] * count, get_world_size(), get_rank())
+                if sharded and getattr(args, "distributed", False) else [None] * count)
+    return create_loader(datasets, samplers, batch_size=[batch_size] * count, num_workers=[args.num_workers] * count,
+                         is_trains=[False] * count, collate_fns=[None] * count)

@@ -49,6 +49,28 @@ def attention(
     return context, (probs if need_probs else None)
 
 
+class AttentionCapture:
+    """Grad-CAM access to a module's attention probabilities and their gradient."""
+
+    attention_map: torch.Tensor | None = None
+    attn_gradients: torch.Tensor | None = None
+
+    def save_attn_gradients(self, grad: torch.Tensor) -> None:
+        self.attn_gradients = grad
+
+    def get_attn_gradients(self) -> torch.Tensor | None:
+        return self.attn_gradients
+
+    def get_attention_map(self) -> torch.Tensor | None:
+        return self.attention_map
+
+    def capture(self, probs: torch.Tensor) -> None:
+        """Keep ``probs`` and, once backward reaches them, their gradient."""
+        self.attention_map = probs
+        if probs.requires_grad:
+            probs.register_hook(self.save_attn_gradients)
+
+
 def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     """``(B, L, H*D)`` -> ``(B, H, L, D)``."""
     batch, length, width = x.shape

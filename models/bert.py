@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers import BertConfig
 
-from models.attention import attention, merge_heads, split_heads
-from models.lean_autograd import LeanDropout, gelu_linear, has_module_hooks
+from models.attention import AttentionCapture, attention, merge_heads, split_heads
+from models.lean_autograd import LeanDropout, gelu_linear, has_module_hooks, vocabulary_projection
 
 SELF_ATTENTION_MASK_VALUE = -10000.0
 KeyValue = tuple[torch.Tensor, torch.Tensor]
@@ -125,7 +125,7 @@ class BertEmbeddings(nn.Module):
         return self.dropout(self.LayerNorm(embeddings))
 
 
-class BertSelfAttention(nn.Module):
+class BertSelfAttention(AttentionCapture, nn.Module):
     def __init__(self, config: BertConfig, is_cross_attention: bool) -> None:
         super().__init__()
         hidden = config.hidden_size
@@ -139,17 +139,6 @@ class BertSelfAttention(nn.Module):
         self.value = nn.Linear(kv_width, hidden)
         self.dropout_prob = config.attention_probs_dropout_prob
         self.save_attention = False
-        self.attention_map: torch.Tensor | None = None
-        self.attn_gradients: torch.Tensor | None = None
-
-    def save_attn_gradients(self, grad: torch.Tensor) -> None:
-        self.attn_gradients = grad
-
-    def get_attn_gradients(self) -> torch.Tensor | None:
-        return self.attn_gradients
-
-    def get_attention_map(self) -> torch.Tensor | None:
-        return self.attention_map
 
     def key_value(self, states: torch.Tensor) -> KeyValue:
         """Keys and values ``(B, H, S, D)`` of ``states``: what a query pass attends to."""
@@ -167,9 +156,7 @@ class BertSelfAttention(nn.Module):
         drop = self.dropout_prob if self.training else 0.0
         context, probs = attention(q, k, v, attention_mask, dropout_p=drop, need_probs=need_probs)
         if self.save_attention:
-            self.attention_map = probs
-            if probs.requires_grad:
-                probs.register_hook(self.save_attn_gradients)
+            self.capture(probs)
         return merge_heads(context), probs
 
 
@@ -446,57 +433,6 @@ class BertPredictionHeadTransform(nn.Module):
         return self.LayerNorm(self.transform_act_fn(self.dense(hidden_states)))
 
 
-#: Up to this many rows, a vocabulary-sized projection is computed as ``W @ x^T``: with a few rows the
-#: product is a pass over the (vocabulary x width) matrix, which that form streams row by row (about
-#: twice as fast on CPU as ``x @ W^T``; same dot products, rounding may differ in the last bit).
-FEW_ROWS = 16
-
-
-def _rows_times_table(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``rows @ weight^T + bias`` for a few 2-D ``rows``, as ``(weight @ rows^T)^T``."""
-    if rows.shape[0] <= FEW_ROWS:
-        out = torch.mm(weight, rows.t()) if bias is None else torch.addmm(bias[:, None], weight, rows.t())
-        return out.t().contiguous()
-    return F.linear(rows, weight, bias)
-
-
-class _VocabularyProjection(torch.autograd.Function):
-    """``F.linear`` over a vocabulary-sized weight with a fresh, contiguous weight gradient.
-
-    Autograd's own linear returns the weight gradient as a transposed view, which the gradient buffer of
-    a tied table (word embeddings, MLM decoder) cannot add into in place: every further contribution
-    then allocates another (vocabulary x width) tensor. The products are the ones autograd computes.
-    """
-
-    @staticmethod
-    def forward(ctx, rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        ctx.save_for_backward(rows, weight)
-        ctx.has_bias = bias is not None
-        return _rows_times_table(rows, weight, bias)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        rows, weight = ctx.saved_tensors
-        grad_rows = grad.mm(weight) if ctx.needs_input_grad[0] else None
-        grad_weight = grad.t().mm(rows) if ctx.needs_input_grad[1] else None
-        grad_bias = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return grad_rows, grad_weight, grad_bias
-
-
-def vocabulary_projection(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                          ) -> torch.Tensor:
-    """``F.linear(hidden, weight, bias)`` for a (vocabulary x width) ``weight``: faster for a few rows and
-    without extra full-size gradient buffers (see :class:`_VocabularyProjection`). Under autocast it is
-    plain ``F.linear``."""
-    if torch.is_autocast_enabled(hidden.device.type):
-        return F.linear(hidden, weight, bias)
-    rows = hidden.reshape(-1, hidden.shape[-1])
-    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad
-                                              or (bias is not None and bias.requires_grad))
-    out = _VocabularyProjection.apply(rows, weight, bias) if needs_grad else _rows_times_table(rows, weight, bias)
-    return out.view(*hidden.shape[:-1], weight.shape[0])
-
-
 class BertLMPredictionHead(nn.Module):
     def __init__(self, config: BertConfig) -> None:
         super().__init__()
@@ -697,7 +633,7 @@ def load_pretrained_bert(model: BertModel | _BertWithHead, name_or_path: str, ve
 def pretrained_source(config: Any, name: str | None, what: str = "text_encoder") -> str | None:
     """The Hugging Face BERT a task model initialises from: None with ``from_scratch: true``,
     otherwise ``name``, which is then required."""
-    if config.get("from_scratch", False):
+    if config["from_scratch"]:
         return None
     if not name:
         raise ValueError(f"{what} (a Hugging Face BERT name or folder) is required unless from_scratch is true")

@@ -18,13 +18,14 @@ import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, PatchEmbed, trunc_normal_
 from torch.utils.checkpoint import checkpoint
 
-from models.attention import attention, merge_heads
+from configs.schema import COMMON_OPTIONAL
+from models.attention import AttentionCapture, attention, merge_heads
 from models.lean_autograd import LeanDropout, gelu_linear, has_module_hooks
 
 DEIT_BASE_URL = "https://dl.fbaipublicfiles.com/deit/deit_base_patch16_224-b5f2ef4d.pth"
 
 
-class Attention(nn.Module):
+class Attention(AttentionCapture, nn.Module):
     """Self-attention with optional capture of the probabilities and their gradient (Grad-CAM)."""
 
     def __init__(self, dim: int, num_heads: int = 12, qkv_bias: bool = True, attn_drop: float = 0.0,
@@ -35,17 +36,6 @@ class Attention(nn.Module):
         self.attn_drop = attn_drop
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = LeanDropout(proj_drop)
-        self.attention_map: torch.Tensor | None = None
-        self.attn_gradients: torch.Tensor | None = None
-
-    def save_attn_gradients(self, grad: torch.Tensor) -> None:
-        self.attn_gradients = grad
-
-    def get_attn_gradients(self) -> torch.Tensor | None:
-        return self.attn_gradients
-
-    def get_attention_map(self) -> torch.Tensor | None:
-        return self.attention_map
 
     def forward(self, x: torch.Tensor, register_hook: bool = False) -> torch.Tensor:
         batch, length, width = x.shape
@@ -54,9 +44,7 @@ class Attention(nn.Module):
         drop = self.attn_drop if self.training else 0.0
         context, probs = attention(q, k, v, dropout_p=drop, need_probs=register_hook)
         if register_hook:
-            self.attention_map = probs
-            if probs.requires_grad:
-                probs.register_hook(self.save_attn_gradients)
+            self.capture(probs)
         return self.proj_drop(self.proj(merge_heads(context)))
 
 
@@ -195,16 +183,18 @@ class VisionTransformer(nn.Module):
 
 
 def vit_from_config(config: Mapping[str, Any], mask_token: bool | None = None) -> VisionTransformer:
-    """Build the image encoder from a task config (``image_res``, ``vision_width``, ``vision_depth``,
-    ``vision_heads``, ``patch_size``; ViT-B/16 defaults as the original)."""
+    """Build the image encoder from a task config: ``image_res`` and the optional ``vision_width``,
+    ``vision_depth``, ``vision_heads``, ``patch_size``, ``vit_mask_token`` (the schema's defaults:
+    ViT-B/16 with a mask token, as the original)."""
+    config = {**COMMON_OPTIONAL, **config}
     if mask_token is None:
-        mask_token = bool(config.get("vit_mask_token", True))
+        mask_token = bool(config["vit_mask_token"])
     return VisionTransformer(
         img_size=int(config["image_res"]),
-        patch_size=int(config.get("patch_size", 16)),
-        embed_dim=int(config.get("vision_width", 768)),
-        depth=int(config.get("vision_depth", 12)),
-        num_heads=int(config.get("vision_heads", 12)),
+        patch_size=int(config["patch_size"]),
+        embed_dim=int(config["vision_width"]),
+        depth=int(config["vision_depth"]),
+        num_heads=int(config["vision_heads"]),
         mlp_ratio=4.0,
         qkv_bias=True,
         mask_token=mask_token,

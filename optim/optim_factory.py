@@ -34,6 +34,8 @@ import torch
 from timm.optim import create_optimizer_v2
 from torch import nn
 
+from configs.schema import section_values
+
 __all__ = [
     "OPTIMIZER_NAMES",
     "create_optimizer",
@@ -73,24 +75,9 @@ _OPTIMIZERS: dict[str, tuple[str, dict[str, Any]]] = {
 #: Every value of ``opt`` (without the optional ``lookahead_`` prefix) that :func:`create_optimizer` accepts.
 OPTIMIZER_NAMES: tuple[str, ...] = tuple(_OPTIMIZERS)
 
-_MISSING = object()
-
 #: Names whose torch optimizer has a fused step kernel, and the devices it runs on.
 _FUSED_NAMES = ("adam", "adamw")
 _FUSED_DEVICES = ("cpu", "cuda")
-
-
-def _cfg_get(cfg: Any, key: str, default: Any = _MISSING) -> Any:
-    """Read ``key`` from a mapping or an attribute-style config; ``None`` counts as absent."""
-    if isinstance(cfg, Mapping):
-        value = cfg.get(key, None)
-    else:
-        value = getattr(cfg, key, None)
-    if value is None:
-        if default is _MISSING:
-            raise KeyError(f"optimizer config is missing the required key '{key}'")
-        return default
-    return value
 
 
 def param_groups_weight_decay(
@@ -192,10 +179,10 @@ def create_optimizer(opt_config: Mapping[str, Any] | Any, model: nn.Module) -> t
     ``momentum`` (SGD/RMSprop-type optimizers, default 0.9). ``model`` may be wrapped in
     ``DistributedDataParallel`` (parameter names then start with ``module.``).
     """
-    opt = str(_cfg_get(opt_config, "opt"))
-    base, use_lookahead = _parse_name(opt)
-    lr = _cfg_get(opt_config, "lr")
-    weight_decay = float(_cfg_get(opt_config, "weight_decay", 0.0))
+    cfg = section_values(opt_config, "optimizer")
+    base, use_lookahead = _parse_name(str(cfg["opt"]))
+    lr = cfg["lr"]
+    weight_decay = float(cfg["weight_decay"])
 
     params: Any
     if weight_decay:
@@ -208,19 +195,16 @@ def create_optimizer(opt_config: Mapping[str, Any] | Any, model: nn.Module) -> t
 
     timm_name, extra = _OPTIMIZERS[base]
     kwargs: dict[str, Any] = dict(extra)
-    eps = _cfg_get(opt_config, "opt_eps", None)
-    if eps is not None:
-        kwargs["eps"] = float(eps)
-    betas = _cfg_get(opt_config, "opt_betas", None)
-    if betas is not None:
-        kwargs["betas"] = tuple(float(b) for b in betas)
-    opt_args = _cfg_get(opt_config, "opt_args", None)
-    if opt_args is not None:
-        kwargs.update(dict(opt_args))
+    if cfg["opt_eps"] is not None:
+        kwargs["eps"] = float(cfg["opt_eps"])
+    if cfg["opt_betas"] is not None:
+        kwargs["betas"] = tuple(float(b) for b in cfg["opt_betas"])
+    if cfg["opt_args"] is not None:
+        kwargs.update(dict(cfg["opt_args"]))
     if base == "adafactor" and not lr:
         # The original lets Adafactor pick its own relative step size when lr is 0/unset.
         lr = None
-    momentum = float(_cfg_get(opt_config, "momentum", 0.9))
+    momentum = float(cfg["momentum"])
 
     fused = (base in _FUSED_NAMES and not use_lookahead and "fused" not in kwargs and "foreach" not in kwargs
              and _fused_supported(params))

@@ -2,36 +2,28 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from timm.scheduler.scheduler import Scheduler
 
-from scheduler.cosine_lr import CosineLRScheduler
-from scheduler.plateau_lr import PlateauLRScheduler
-from scheduler.step_lr import StepLRScheduler
-from scheduler.tanh_lr import TanhLRScheduler
+from configs.schema import section_values
+from scheduler.schedulers import CosineLRScheduler, PlateauLRScheduler, StepLRScheduler, TanhLRScheduler
 
 __all__ = ["SCHEDULER_NAMES", "create_scheduler"]
 
 #: Values of ``sched`` accepted by :func:`create_scheduler`.
 SCHEDULER_NAMES: tuple[str, ...] = ("cosine", "tanh", "step", "plateau")
-
-_MISSING = object()
-
-
-def _cfg_get(cfg: Any, key: str, default: Any = _MISSING) -> Any:
-    """Read ``key`` from a mapping or an attribute-style config; ``None`` counts as absent."""
-    if isinstance(cfg, Mapping):
-        value = cfg.get(key, None)
-    else:
-        value = getattr(cfg, key, None)
-    if value is None:
-        if default is _MISSING:
-            raise KeyError(f"schedular config is missing the required key '{key}'")
-        return default
-    return value
+#: Keys each schedule needs besides ``sched`` and ``epochs``.
+_CYCLE_REQUIRED = ("min_lr", "decay_rate", "warmup_lr", "warmup_epochs", "cooldown_epochs")
+_REQUIRED = {
+    "cosine": _CYCLE_REQUIRED,
+    "tanh": _CYCLE_REQUIRED,
+    "step": ("decay_epochs", "decay_rate", "warmup_lr", "warmup_epochs"),
+    "plateau": ("decay_rate", "patience_epochs", "min_lr", "warmup_lr", "warmup_epochs"),
+}
 
 
 def _noise_range(lr_noise: Any, num_epochs: int) -> float | list[float] | None:
@@ -64,55 +56,32 @@ def create_scheduler(
     ``warmup_prefix=True``, ``t_in_epochs=True``. Right after construction every param group's LR is
     ``warmup_lr`` (when ``warmup_epochs > 0``) and carries ``initial_lr`` = the optimizer LR.
     """
-    sched = str(_cfg_get(sched_config, "sched")).lower()
-    num_epochs = int(_cfg_get(sched_config, "epochs"))
-    noise_args: dict[str, Any] = {
-        "noise_range_t": _noise_range(_cfg_get(sched_config, "lr_noise", None), num_epochs),
-        "noise_pct": _cfg_get(sched_config, "lr_noise_pct", 0.67),
-        "noise_std": _cfg_get(sched_config, "lr_noise_std", 1.0),
-        "noise_seed": _cfg_get(sched_config, "seed", 42),
+    sched = str(section_values(sched_config, "schedular")["sched"]).lower()
+    if sched not in SCHEDULER_NAMES:
+        raise ValueError(f"Unknown scheduler sched={sched!r}; valid choices: {', '.join(SCHEDULER_NAMES)}")
+    cfg = section_values(sched_config, "schedular", _REQUIRED[sched])
+    num_epochs = int(cfg["epochs"])
+    common: dict[str, Any] = {
+        "warmup_lr_init": cfg["warmup_lr"], "warmup_t": cfg["warmup_epochs"],
+        "noise_range_t": _noise_range(cfg["lr_noise"], num_epochs), "noise_pct": cfg["lr_noise_pct"],
+        "noise_std": cfg["lr_noise_std"], "noise_seed": cfg["seed"],
     }
-
     scheduler: Scheduler
     if sched in ("cosine", "tanh"):
-        common: dict[str, Any] = {
-            "t_initial": num_epochs,
-            "t_mul": _cfg_get(sched_config, "lr_cycle_mul", 1.0),
-            "lr_min": _cfg_get(sched_config, "min_lr"),
-            "decay_rate": _cfg_get(sched_config, "decay_rate"),
-            "warmup_lr_init": _cfg_get(sched_config, "warmup_lr"),
-            "warmup_t": _cfg_get(sched_config, "warmup_epochs"),
-            "cycle_limit": _cfg_get(sched_config, "lr_cycle_limit", 1),
-            "t_in_epochs": True,
-            **noise_args,
-        }
+        cycles = dict(common, t_initial=num_epochs, cycle_mul=cfg["lr_cycle_mul"], lr_min=cfg["min_lr"],
+                      cycle_decay=cfg["decay_rate"], cycle_limit=cfg["lr_cycle_limit"], t_in_epochs=True)
         if sched == "cosine":
-            scheduler = CosineLRScheduler(optimizer, warmup_prefix=True, **common)
+            scheduler = CosineLRScheduler(optimizer, warmup_prefix=True, k_decay=1.0, **cycles)
         else:
-            scheduler = TanhLRScheduler(optimizer, lb=-6.0, ub=4.0, warmup_prefix=False, **common)
-        num_epochs = scheduler.get_cycle_length() + int(_cfg_get(sched_config, "cooldown_epochs"))
+            scheduler = TanhLRScheduler(optimizer, lb=-6.0, ub=4.0, warmup_prefix=False, **cycles)
+        num_epochs = scheduler.get_cycle_length() + int(cfg["cooldown_epochs"])
     elif sched == "step":
-        scheduler = StepLRScheduler(
-            optimizer,
-            decay_t=_cfg_get(sched_config, "decay_epochs"),
-            decay_rate=_cfg_get(sched_config, "decay_rate"),
-            warmup_lr_init=_cfg_get(sched_config, "warmup_lr"),
-            warmup_t=_cfg_get(sched_config, "warmup_epochs"),
-            **noise_args,
-        )
-    elif sched == "plateau":
-        mode = "min" if "loss" in str(_cfg_get(sched_config, "eval_metric", "")) else "max"
-        scheduler = PlateauLRScheduler(
-            optimizer,
-            decay_rate=_cfg_get(sched_config, "decay_rate"),
-            patience_t=_cfg_get(sched_config, "patience_epochs"),
-            lr_min=_cfg_get(sched_config, "min_lr"),
-            mode=mode,
-            warmup_lr_init=_cfg_get(sched_config, "warmup_lr"),
-            warmup_t=_cfg_get(sched_config, "warmup_epochs"),
-            cooldown_t=0,
-            **noise_args,
-        )
+        scheduler = StepLRScheduler(optimizer, decay_t=cfg["decay_epochs"], decay_rate=cfg["decay_rate"],
+                                    warmup_prefix=False, **common)
     else:
-        raise ValueError(f"Unknown scheduler sched={sched!r}; valid choices: {', '.join(SCHEDULER_NAMES)}")
+        mode = "min" if "loss" in str(cfg["eval_metric"]) else "max"
+        with warnings.catch_warnings():  # timm deprecates this class
+            warnings.simplefilter("ignore", FutureWarning)
+            scheduler = PlateauLRScheduler(optimizer, decay_rate=cfg["decay_rate"], patience_t=cfg["patience_epochs"],
+                                           lr_min=cfg["min_lr"], mode=mode, cooldown_t=0, **common)
     return scheduler, num_epochs

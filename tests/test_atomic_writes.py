@@ -10,8 +10,8 @@ import sys
 
 import torch
 
-import utils
 from configs import save_config
+from engine.checkpoint import save_checkpoint
 
 
 def _record_fsyncs_and_renames(monkeypatch) -> list[tuple]:
@@ -37,7 +37,7 @@ def _record_fsyncs_and_renames(monkeypatch) -> list[tuple]:
 def test_checkpoint_save_fsyncs_the_file_before_the_rename_then_its_folder(tmp_path, monkeypatch):
     target = tmp_path / "checkpoint_00.pth"
     events = _record_fsyncs_and_renames(monkeypatch)
-    utils.save_checkpoint({"model": {"w": torch.arange(4.0)}, "epoch": 0}, target)
+    save_checkpoint({"model": {"w": torch.arange(4.0)}, "epoch": 0}, target)
     monkeypatch.undo()
 
     replaces = [e for e in events if e[0] == "replace"]

@@ -23,7 +23,7 @@ import torch
 from PIL import Image, ImageFile
 from torch.utils.data import DataLoader
 
-from configs.schema import COMMON_OPTIONAL
+from configs.schema import COMMON_OPTIONAL, with_defaults
 from dataset import create_dataset
 from dataset.annotations import AnnotationError
 from dataset.collate import SafeCollate
@@ -303,7 +303,7 @@ def test_pixel_limit_setting(image_dir):
     assert read_rgb(huge, None).size == (200, 100)
     assert Image.MAX_IMAGE_PIXELS is None and ImageFile.LOAD_TRUNCATED_IMAGES is True
     assert COMMON_OPTIONAL["max_image_pixels"] == DEFAULT_MAX_IMAGE_PIXELS == 2 ** 28
-    assert max_pixels_from_config({}) == DEFAULT_MAX_IMAGE_PIXELS
+    assert max_pixels_from_config(with_defaults({}, "pretrain")) == DEFAULT_MAX_IMAGE_PIXELS
     assert max_pixels_from_config({"max_image_pixels": None}) is None
     assert max_pixels_from_config({"max_image_pixels": 0}) is None
     assert max_pixels_from_config({"max_image_pixels": 5}) == 5

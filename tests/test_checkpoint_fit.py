@@ -19,12 +19,14 @@ from typing import Any
 import pytest
 import torch
 
-import NLVR
-import Pretrain_NLVR
-import VE
-import VQA
 from configs import load_config
-from engine.checkpoint import CheckpointFit, check_checkpoint_fit
+from engine.checkpoint import (
+    CheckpointFit,
+    check_checkpoint_fit,
+    load_checkpoint_into,
+    load_filtered_state,
+    prepare_state,
+)
 from models.simla import nlvr as nlvr_model
 from models.simla import pretrain as pretrain_model
 from models.simla import pretrain_nlvr as pretrain_nlvr_model
@@ -76,31 +78,12 @@ def states() -> dict[str, dict[str, torch.Tensor]]:
     return {kind: build(kind, seed=1).state_dict() for kind in CONFIGS}
 
 
-def load_with_script(script: str, model: torch.nn.Module, path: Path, monkeypatch: pytest.MonkeyPatch,
-                     own: bool = False) -> Any:
-    """Load ``path`` into ``model`` through ``script``'s loading function (``own``: as a checkpoint of the
-    script itself, i.e. ``--evaluate``); returns the ``load_state_dict`` report it produced."""
-    module = {"VQA.py": VQA, "VE.py": VE, "Pretrain_NLVR.py": Pretrain_NLVR, "NLVR.py": NLVR}[script]
-    reports: list[Any] = []
-    real = module.load_fitting_state
-
-    def recording(*args: Any, **kwargs: Any) -> Any:
-        reports.append(real(*args, **kwargs))
-        return reports[-1]
-
-    monkeypatch.setattr(module, "load_fitting_state", recording)
-    config = CONFIGS[TARGET_OF[script]]()
-    if script == "VQA.py":
-        args = VQA.get_parser().parse_args(["--checkpoint", str(path)] + (["--evaluate"] if own else []))
-        VQA.load_checkpoint_into(model, args, None, 1)
-    elif script == "VE.py":
-        VE.load_ve_checkpoint(model, str(path), config, evaluate=own, trust=False)
-    elif script == "Pretrain_NLVR.py":
-        Pretrain_NLVR.load_pretraining_checkpoint(model, str(path), config, trust=False)
-    else:
-        NLVR.load_nlvr_checkpoint(model, str(path), config, trust=False)
-    assert len(reports) == 1
-    return reports[0]
+def load_with_script(script: str, model: torch.nn.Module, path: Path, own: bool = False) -> Any:
+    """Load ``path`` into ``model`` as ``script`` does, through the model's checkpoint filter (``own``: as a
+    checkpoint of the script itself, i.e. ``--evaluate``); returns the ``load_state_dict`` report."""
+    module = {"VQA.py": vqa_model, "VE.py": ve_model, "Pretrain_NLVR.py": pretrain_nlvr_model, "NLVR.py": nlvr_model}
+    _, report = load_checkpoint_into(model, str(path), module[script].checkpoint_filter_fn, script, own=own)
+    return report
 
 
 def save(tmp_path: Path, state: dict[str, torch.Tensor], name: str = "checkpoint.pth") -> Path:
@@ -123,10 +106,10 @@ def recorded_patterns(script: str) -> tuple[set[str], set[str]]:
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_documented_checkpoint_loads_with_the_recorded_key_differences(script, states, tmp_path, monkeypatch):
+def test_documented_checkpoint_loads_with_the_recorded_key_differences(script, states, tmp_path):
     source = states[SOURCE_OF[script]]
     model = build(TARGET_OF[script])
-    report = load_with_script(script, model, save(tmp_path, source), monkeypatch)
+    report = load_with_script(script, model, save(tmp_path, source))
     missing, unexpected = recorded_patterns(script)
     assert {key_pattern(k) for k in report.missing_keys} == missing
     assert {key_pattern(k) for k in report.unexpected_keys} == unexpected
@@ -136,10 +119,10 @@ def test_documented_checkpoint_loads_with_the_recorded_key_differences(script, s
 
 
 @pytest.mark.parametrize("script", ["VQA.py", "VE.py", "NLVR.py"])
-def test_own_checkpoint_loads_with_nothing_missing(script, states, tmp_path, monkeypatch):
+def test_own_checkpoint_loads_with_nothing_missing(script, states, tmp_path):
     state = states[TARGET_OF[script]]
     model = build(TARGET_OF[script])
-    report = load_with_script(script, model, save(tmp_path, state), monkeypatch, own=True)
+    report = load_with_script(script, model, save(tmp_path, state), own=True)
     assert report.missing_keys == [] and report.unexpected_keys == []
     assert all(torch.equal(value, state[key]) for key, value in model.state_dict().items())
 
@@ -148,7 +131,7 @@ def test_momentum_weights_of_a_distilling_checkpoint_are_ignored_without_distill
                                                                                     monkeypatch):
     monkeypatch.setitem(CONFIGS, "ve", lambda: demo_config("VE_demo.yaml", distill=False))
     model = build("ve")
-    report = load_with_script("VE.py", model, save(tmp_path, states["ve"]), monkeypatch, own=True)
+    report = load_with_script("VE.py", model, save(tmp_path, states["ve"]), own=True)
     assert report.missing_keys == []
     assert {k.split(".")[0] for k in report.unexpected_keys} == {"visual_encoder_m", "text_encoder_m", "cls_head_m"}
 
@@ -165,41 +148,41 @@ def test_momentum_weights_of_a_distilling_checkpoint_are_ignored_without_distill
     ("VQA.py", "pretrain", True, "text_encoder.bert."),
     ("Pretrain_NLVR.py", "ve", False, "cls_head."),
 ])
-def test_checkpoint_of_another_model_fails(script, other, own, named, states, tmp_path, monkeypatch):
+def test_checkpoint_of_another_model_fails(script, other, own, named, states, tmp_path):
     path = save(tmp_path, states[other], f"{other}.pth")
     with pytest.raises(ValueError, match=rf"^{re.escape(script)}: checkpoint {re.escape(str(path))} does not fit") \
             as error:
-        load_with_script(script, build(TARGET_OF[script]), path, monkeypatch, own=own)
+        load_with_script(script, build(TARGET_OF[script]), path, own=own)
     assert named in str(error.value)
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_unknown_extra_key_fails(script, states, tmp_path, monkeypatch):
+def test_unknown_extra_key_fails(script, states, tmp_path):
     state = dict(states[SOURCE_OF[script]], **{"visual_encoder.adapter.weight": torch.zeros(2)})
     with pytest.raises(ValueError, match=r"unexpected keys \(1\): visual_encoder\.adapter\.weight\n"):
-        load_with_script(script, build(TARGET_OF[script]), save(tmp_path, state), monkeypatch)
+        load_with_script(script, build(TARGET_OF[script]), save(tmp_path, state))
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_missing_encoder_key_fails(script, states, tmp_path, monkeypatch):
+def test_missing_encoder_key_fails(script, states, tmp_path):
     key = "visual_encoder.blocks.2.attn.qkv.bias"
     state = {k: v for k, v in states[SOURCE_OF[script]].items() if k != key}
     with pytest.raises(ValueError, match=rf"missing keys \(1\): {re.escape(key)}\n"):
-        load_with_script(script, build(TARGET_OF[script]), save(tmp_path, state), monkeypatch)
+        load_with_script(script, build(TARGET_OF[script]), save(tmp_path, state))
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_wrong_shape_fails(script, states, tmp_path, monkeypatch):
+def test_wrong_shape_fails(script, states, tmp_path):
     state = dict(states[SOURCE_OF[script]], **{"visual_encoder.norm.weight": torch.ones(3)})
     with pytest.raises(ValueError, match=r"shape mismatches \(1\): visual_encoder\.norm\.weight: checkpoint "
                                          r"\(3,\) vs model \(64,\)"):
-        load_with_script(script, build(TARGET_OF[script]), save(tmp_path, state), monkeypatch)
+        load_with_script(script, build(TARGET_OF[script]), save(tmp_path, state))
 
 
-def test_accepted_head_with_a_wrong_shape_still_fails(states, tmp_path, monkeypatch):
+def test_accepted_head_with_a_wrong_shape_still_fails(states, tmp_path):
     state = dict(states["pretrain"], **{"cls_head.2.bias": torch.zeros(5)})
     with pytest.raises(ValueError, match=r"shape mismatches \(1\): cls_head\.2\.bias: checkpoint \(5,\)"):
-        load_with_script("VE.py", build("ve"), save(tmp_path, state), monkeypatch)
+        load_with_script("VE.py", build("ve"), save(tmp_path, state))
 
 
 def test_error_lists_the_first_20_keys_and_the_counts():
@@ -237,8 +220,9 @@ def test_retrieval_scripts_refuse_checkpoints_of_other_models(script, states, tm
     torch.manual_seed(0)
     model = retrieval_model.SIMLA(config=demo_config("Retrieval_demo.yaml"))
     # the documented source loads: a pretraining checkpoint
-    report = retrieval_model.load_retrieval_checkpoint(model, states["pretrain"], "pretrain.pth", script)
+    filter_fn = retrieval_model.checkpoint_filter_fn
+    report = load_filtered_state(model, prepare_state(states["pretrain"], model, filter_fn), "pretrain.pth", script)
     assert report.missing_keys == ["idx_queue"]
     # a VE checkpoint brings a classifier the retrieval model has no place for
     with pytest.raises(ValueError, match=r"ve\.pth does not fit .*\n  missing keys .*itm_head.*\n  unexpected keys .*cls_head"):
-        retrieval_model.load_retrieval_checkpoint(model, states["ve"], "ve.pth", script)
+        load_filtered_state(model, prepare_state(states["ve"], model, filter_fn), "ve.pth", script)

@@ -345,6 +345,19 @@ def test_dump_format_matches_original():
     )
 
 
+def test_defaults_are_filled_in_and_left_out_when_written(tmp_path):
+    config = load_config(CONFIG_DIR / "Pretrain_demo.yaml", task="pretrain")
+    filled = configs.with_defaults(config, "pretrain")
+    optional = set(configs.COMMON_OPTIONAL) | set(configs.TASK_SCHEMAS["pretrain"].optional)
+    assert set(filled) >= optional and set(filled["optimizer"]) >= set(configs.SECTION_SCHEMAS["optimizer"].optional)
+    assert "vit_mask_token" not in config and filled["vit_mask_token"] is True
+    assert "momentum" not in config["optimizer"] and filled["optimizer"]["momentum"] == 0.9
+    assert configs.with_defaults(filled, "pretrain") == filled
+    written = configs.as_written(filled)
+    assert written == config and type(written) is dict
+    assert Path(save_config(filled, tmp_path)).read_text() == dump_config(config)
+
+
 def test_save_config_round_trip_and_atomicity(tmp_path, monkeypatch):
     config = load_config(CONFIG_DIR / "Pretrain.yaml", ["+disable_wandb=true"])
     out = tmp_path / "new" / "run"

@@ -15,6 +15,7 @@ from PIL import Image, ImageFile, ImageOps
 from torch.utils.data import DistributedSampler, RandomSampler, SequentialSampler, TensorDataset
 from torchvision.transforms import InterpolationMode
 
+from configs import with_defaults
 from dataset import randaugment as ra
 from dataset.collate import SafeCollate, collate_safe, vqa_collate_fn
 from dataset.loaders import create_loader, create_sampler
@@ -290,11 +291,11 @@ def test_masking_repr_and_config():
         repr(MaskingGenerator(4, 5, min_num_patches=2))
         == "Generator(4, 4 -> [2 ~ 5], max = 5, -1.204 ~ 1.204)"
     )
-    gen = masking_generator_from_config({"image_res": 256})
+    gen = masking_generator_from_config(with_defaults({"image_res": 256}, "pretrain"))
     assert gen.get_shape() == (16, 16)
     assert (gen.num_masking_patches, gen.min_num_patches, gen.max_num_patches) == (75, 16, 75)
     assert gen.log_aspect_ratio == pytest.approx((math.log(0.3), math.log(1 / 0.3)))
-    gen = masking_generator_from_config(
+    gen = masking_generator_from_config(with_defaults(
         {
             "image_res": 64,
             "patch_size": 8,
@@ -302,8 +303,9 @@ def test_masking_repr_and_config():
             "mask_min_patches": 4,
             "mask_min_aspect": 0.5,
             "mask_max_aspect": 3.0,
-        }
-    )
+        },
+        "pretrain",
+    ))
     assert gen.get_shape() == (8, 8)
     assert (gen.num_masking_patches, gen.min_num_patches) == (20, 4)
     assert gen.log_aspect_ratio == pytest.approx((math.log(0.5), math.log(3.0)))
@@ -311,7 +313,7 @@ def test_masking_repr_and_config():
 
 
 def test_masking_statistics_16x16_75():
-    gen = masking_generator_from_config({"image_res": 256})
+    gen = masking_generator_from_config(with_defaults({"image_res": 256}, "pretrain"))
     random.seed(0)
     counts = []
     for _ in range(3000):
@@ -398,7 +400,7 @@ def test_map_pixels():
 
 
 def test_build_transforms_structure():
-    tfs = build_transforms({"image_res": 64})
+    tfs = build_transforms(with_defaults({"image_res": 64}, "pretrain"))
     assert set(tfs) == {"pretrain", "visual_tokenizer", "train", "test", "grounding_train"}
     crop = tfs["pretrain"].transforms[0]
     assert crop.size == (64, 64) and crop.scale == (0.2, 1.0)
@@ -414,11 +416,11 @@ def test_build_transforms_structure():
         assert isinstance(aug, ra.RandomAugment)
         assert (aug.N, aug.M, aug.isPIL) == (2, 7, True)
         assert aug.augs == list(ra.PIPELINE_OPS) and not aug.clip_sharpness
-    assert build_randaugment({"randaugment_clip_sharpness": True}).clip_sharpness
+    assert build_randaugment(with_defaults({"randaugment_clip_sharpness": True}, "pretrain")).clip_sharpness
 
 
 def test_transform_outputs():
-    tfs = build_transforms({"image_res": 64})
+    tfs = build_transforms(with_defaults({"image_res": 64}, "pretrain"))
     img = _pil_image()
     torch.manual_seed(0)
     np.random.seed(0)
@@ -435,7 +437,7 @@ def test_transform_outputs():
 
 
 def test_pretrain_views_default_is_two_independent_pipelines_in_original_order():
-    config = {"image_res": 64}
+    config = with_defaults({"image_res": 64}, "pretrain")
     tfs = build_transforms(config)
     views = PretrainViews(config, tfs)
     img = _pil_image()
@@ -451,7 +453,7 @@ def test_pretrain_views_default_is_two_independent_pipelines_in_original_order()
 
 
 def test_pretrain_views_aligned_share_geometry():
-    views = PretrainViews({"image_res": 64, "mim_aligned_views": True})
+    views = PretrainViews(with_defaults({"image_res": 64, "mim_aligned_views": True}, "pretrain"))
     assert views.aligned
     img = _pil_image(seed=3)
     for seed in range(4):
@@ -584,7 +586,7 @@ def test_create_loader_settings():
 
 
 def test_pipelines_and_collates_pickle_for_spawned_workers():
-    config = {"image_res": 32, "mim_aligned_views": True}
+    config = with_defaults({"image_res": 32, "mim_aligned_views": True}, "pretrain")
     for obj in (
         build_transforms(config),
         PretrainViews(config),

@@ -1,4 +1,4 @@
-"""Tests of the synthetic shapes demo dataset (dataset/demo.py)."""
+"""Tests of the synthetic shapes demo dataset (demo/)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dataset import demo
+from demo import data as demo
+from demo.shapes import demo_words
 
 REPO = Path(__file__).resolve().parents[1]
 PUNCTUATION = ",.'!?\"()*#:;~"
@@ -240,7 +241,7 @@ def test_vocab_file_and_coverage(data: dict[str, str]) -> None:
     texts = _all_texts(data)
     unknown = {word for text in texts for word in _words(text) if word not in known}
     assert not unknown
-    assert set(demo.demo_words()) <= known
+    assert set(demo_words()) <= known
 
 
 def test_deterministic(data: dict[str, str], tmp_path: Path) -> None:

@@ -1,6 +1,6 @@
 """A failing or hanging process of a multi-process run must not leave the others blocked in a collective.
 
-Covers the process-group timeout (``--dist_timeout``) that ``utils.init_distributed_mode`` passes to
+Covers the process-group timeout (``--dist_timeout``) that ``engine.distributed.init_distributed_mode`` passes to
 ``init_process_group``, the NCCL error-handling setting, and ``engine.runtime.run_entry``: two gloo
 processes (started directly with the launcher variables, and under torchrun) in which one rank raises
 or hangs while its peer waits in an all-reduce, and a two-process ``Pretrain.py`` run whose rank 1
@@ -24,7 +24,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-import utils
+from engine import distributed
 from engine.runtime import job_rank, run_entry
 from tests.script_helpers import LAUNCHER_VARIABLES, free_port, script_env
 
@@ -41,8 +41,9 @@ PROGRAM = textwrap.dedent('''
 
     import torch
 
+    from engine.distributed import init_distributed_mode
     from engine.runtime import run_entry
-    from utils import all_reduce_sum, init_distributed_mode
+    from utils import all_reduce_sum
 
 
     def main(args):
@@ -205,7 +206,7 @@ def test_init_passes_the_timeout(launcher_env, given, seconds):
     args = argparse.Namespace(device="cpu", dist_url="env://")
     if given is not None:
         args.dist_timeout = given
-    utils.init_distributed_mode(args)
+    distributed.init_distributed_mode(args)
     assert len(calls) == 1
     assert calls[0]["timeout"] == datetime.timedelta(seconds=seconds)
     assert (calls[0]["backend"], calls[0]["rank"], calls[0]["world_size"]) == ("gloo", 1, 2)
@@ -216,7 +217,7 @@ def test_init_rejects_bad_timeouts(launcher_env, bad):
     _, calls = launcher_env
     args = argparse.Namespace(device="cpu", dist_url="env://", dist_timeout=bad)
     with pytest.raises(ValueError, match="--dist_timeout"):
-        utils.init_distributed_mode(args)
+        distributed.init_distributed_mode(args)
     assert calls == []
 
 
@@ -232,7 +233,7 @@ def test_nccl_turns_on_async_error_handling(launcher_env):
     # empty counts as unset; monkeypatch restores the variables afterwards
     monkeypatch.setenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", "")
     monkeypatch.setenv("NCCL_ASYNC_ERROR_HANDLING", "")
-    utils.init_distributed_mode(argparse.Namespace(device="cuda", dist_url="env://", dist_timeout=30))
+    distributed.init_distributed_mode(argparse.Namespace(device="cuda", dist_url="env://", dist_timeout=30))
     assert calls[0]["backend"] == "nccl" and calls[0]["timeout"] == datetime.timedelta(seconds=30)
     assert os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "3"
 
@@ -241,18 +242,18 @@ def test_nccl_keeps_an_explicit_error_handling_setting(launcher_env):
     monkeypatch, _ = launcher_env
     _nccl_setup(monkeypatch)
     monkeypatch.setenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
-    utils.init_distributed_mode(argparse.Namespace(device="cuda", dist_url="env://"))
+    distributed.init_distributed_mode(argparse.Namespace(device="cuda", dist_url="env://"))
     assert os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"
     monkeypatch.setenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")
     with pytest.warns(RuntimeWarning, match="TORCH_NCCL_ASYNC_ERROR_HANDLING=0.*hang"):
-        utils.init_distributed_mode(argparse.Namespace(device="cuda", dist_url="env://"))
+        distributed.init_distributed_mode(argparse.Namespace(device="cuda", dist_url="env://"))
     assert os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "0"
 
 
 def test_gloo_leaves_nccl_settings_alone(launcher_env):
     monkeypatch, _ = launcher_env
     monkeypatch.setenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", "")
-    utils.init_distributed_mode(argparse.Namespace(device="cpu", dist_url="env://"))
+    distributed.init_distributed_mode(argparse.Namespace(device="cpu", dist_url="env://"))
     assert os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == ""
 
 

@@ -6,11 +6,12 @@ import json
 
 import torch
 
-from tools import campaign_checkpoints, fault_campaign
-from tools.campaign_checkpoints import PlantedCase, pickle_globals, run_checkpoints, run_planted
-from tools.campaign_common import LOST
-from tools.campaign_inputs import KINDS, TARGETS, InputContext, make_cases, run_case
-from tools.campaign_kills import KillSettings, run_kills
+from tests.fault_campaign import checkpoints as campaign_checkpoints
+from tests.fault_campaign import cli as fault_campaign
+from tests.fault_campaign.checkpoints import PlantedCase, pickle_globals, run_checkpoints, run_planted
+from tests.fault_campaign.common import LOST
+from tests.fault_campaign.inputs import KINDS, TARGETS, InputContext, make_cases, run_case
+from tests.fault_campaign.kills import KillSettings, run_kills
 
 
 def test_bad_inputs_through_the_command(tmp_path, capsys):

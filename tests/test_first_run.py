@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import utils
+from engine.checkpoint import check_checkpoint_format
 from engine.training import starting_weights
 from models import bert, tokenization
 from models.vit import DEIT_BASE_URL, load_deit_weights, vit_from_config
@@ -72,14 +72,14 @@ def test_checkpoint_format_check(tmp_path):
     with tarfile.open(archive, "w") as handle:
         handle.add(zipped, arcname="storages")
     for path in (zipped, legacy, archive):
-        utils.check_checkpoint_format(str(path))
+        check_checkpoint_format(str(path))
     text, empty = tmp_path / "notes.txt", tmp_path / "empty.pth"
     text.write_text("epoch 3: loss 1.2\n")
     empty.write_bytes(b"")
     with pytest.raises(ValueError, match=rf"^{re.escape(str(text))} is not a PyTorch checkpoint \(.*'epoch 3"):
-        utils.check_checkpoint_format(str(text))
+        check_checkpoint_format(str(text))
     with pytest.raises(ValueError, match=r"empty.pth is not a PyTorch checkpoint \(the file is empty"):
-        utils.check_checkpoint_format(str(empty))
+        check_checkpoint_format(str(empty))
 
 
 def _run_ve(output_dir: Path, *flags: str, data: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -120,11 +120,11 @@ def test_starting_weights_line():
         "Starting weights: checkpoint out/last.pth (resumed)")
     assert starting_weights(_args(), {"from_scratch": True}, model) == (
         "Starting weights: random (from_scratch: true, no --checkpoint)")
-    assert starting_weights(_args(text_decoder="bert-base-cased"), {}, model) == (
+    assert starting_weights(_args(text_decoder="bert-base-cased"), {"from_scratch": False}, model) == (
         "Starting weights: random ViT, text encoder from BERT bert-base-uncased (--text_encoder), answer "
         "decoder from BERT bert-base-cased (--text_decoder); no --checkpoint")
     model.visual_encoder.init_source = DEIT_BASE_URL
-    assert starting_weights(_args(), {}, model) == (
+    assert starting_weights(_args(), {"from_scratch": False}, model) == (
         f"Starting weights: ViT from DeiT {DEIT_BASE_URL}, text encoder from BERT bert-base-uncased "
         "(--text_encoder); no --checkpoint")
 

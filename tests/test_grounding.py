@@ -273,7 +273,7 @@ def test_gradcam_grid_heads_padding_and_original_procedure() -> None:
 def grounding_setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """Demo data (16 training images: 50 expressions; 8 test images: 24 expressions over val, testA,
     testB) and a randomly initialised tiny pretraining checkpoint."""
-    from dataset.demo import generate_demo_data
+    from demo.data import generate_demo_data
     from models.simla.pretrain import SIMLA as PretrainSIMLA
 
     root = tmp_path_factory.mktemp("grounding")

@@ -395,9 +395,10 @@ def test_dvae_refuses_pickled_code(tmp_path, monkeypatch):
 
 
 def test_pretrained_source_follows_from_scratch():
+    from configs import with_defaults
     from models.bert import pretrained_source
 
     assert pretrained_source({"from_scratch": True}, "bert-base-uncased") is None
-    assert pretrained_source({}, "some/folder") == "some/folder"
+    assert pretrained_source(with_defaults({}, "retrieval"), "some/folder") == "some/folder"
     with pytest.raises(ValueError, match="text_decoder .* is required unless from_scratch is true"):
         pretrained_source({"from_scratch": False}, "", "text_decoder")

@@ -18,16 +18,18 @@ import torch.nn.functional as F
 
 from configs import load_config
 from dataset.annotations import AnnotationError
-from dataset.demo import generate_demo_data
 from dataset.nlvr import NlvrDataset, create_nlvr_datasets
 from dataset.ve import VeDataset, create_ve_datasets
+from demo.data import generate_demo_data
+from engine.checkpoint import load_checkpoint, load_checkpoint_into
+from models.simla import classifier as classifier_model
 from models.simla import nlvr as nlvr_model
 from models.simla import pretrain_nlvr as pretrain_nlvr_model
 from models.simla import ve as ve_model
+from models.simla.checkpoint_keys import strip_bert_prefix
 from optim import create_optimizer
 from tests.parity import manifest_weight_decay_groups
 from tests.script_helpers import free_port, script_env
-from utils import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 PARITY = REPO / "tests" / "data" / "parity"
@@ -176,14 +178,12 @@ def test_distillation_loss_formula():
     torch.manual_seed(0)
     pred, pred_m, targets = torch.randn(5, 3), torch.randn(5, 3), torch.tensor([0, 2, 1, 1, 0])
     expected = 0.7 * F.cross_entropy(pred, targets) + 0.3 * F.cross_entropy(pred, F.softmax(pred_m, dim=1))
-    torch.testing.assert_close(nlvr_model.distillation_loss(pred, pred_m, targets, 0.3), expected)
+    torch.testing.assert_close(classifier_model.distillation_loss(pred, pred_m, targets, 0.3), expected)
 
 
 def test_nlvr_checkpoint_loads_after_copying_momentum_by_default(tmp_path):
     """The original copies online -> momentum before loading (the checkpoint has no momentum weights);
     ``copy_momentum_after_load: true`` copies the loaded weights instead."""
-    from NLVR import load_nlvr_checkpoint
-
     torch.manual_seed(0)
     source = pretrain_nlvr_model.SIMLA(config=tiny_config("nlvr", embed_dim=16))
     path = tmp_path / "pretrain_nlvr.pth"
@@ -195,7 +195,7 @@ def test_nlvr_checkpoint_loads_after_copying_momentum_by_default(tmp_path):
         initial = model.text_encoder.state_dict()[key.removeprefix("text_encoder.")].clone()
         with torch.no_grad():  # make the momentum model differ from the freshly built online one
             model.text_encoder_m.encoder.layer[3].attention.self.query.weight.add_(1.0)
-        load_nlvr_checkpoint(model, str(path), {"copy_momentum_after_load": after}, trust=False)
+        load_checkpoint_into(model, str(path), nlvr_model.checkpoint_filter_fn, "NLVR.py")
         state = model.state_dict()
         assert torch.equal(state[key], source.state_dict()[key])
         expected = source.state_dict()[key] if after else initial
@@ -280,7 +280,7 @@ def test_nlvr_mapping_matches_the_recorded_keys():
 
 
 def test_ve_mapping_matches_the_recorded_keys():
-    check_recorded_mapping("VE.py", manifest_shapes("pretrain"), manifest_shapes("ve"), ve_model.strip_bert_prefix,
+    check_recorded_mapping("VE.py", manifest_shapes("pretrain"), manifest_shapes("ve"), strip_bert_prefix,
                            resized=("visual_encoder.pos_embed", "visual_encoder_m.pos_embed"))
 
 

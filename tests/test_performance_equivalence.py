@@ -22,7 +22,8 @@ from torch import nn
 from configs import load_config
 from engine.retrieval_eval import rerank
 from models.attention import attention
-from models.bert import BertModel, load_bert_config, vocabulary_projection
+from models.bert import BertModel, load_bert_config
+from models.lean_autograd import vocabulary_projection
 from models.simla.pretrain import SIMLA as PretrainSIMLA
 from models.simla.retrieval import SIMLA as RetrievalSIMLA
 from models.tokenization import tokenizer_from_tokens

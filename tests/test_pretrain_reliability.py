@@ -11,6 +11,7 @@ import subprocess
 
 import torch
 
+from engine.checkpoint import load_checkpoint
 from engine.cli import base_parser
 from models.bert import BertForMaskedLM, load_bert_config
 from tests.script_helpers import script_env
@@ -26,7 +27,6 @@ from tests.test_pretrain_script import (
     script,
     single_run,  # noqa: F401  (fixture)
 )
-from utils import load_checkpoint
 
 STEPS = 4  # 16 images, 4 per step
 NO_MASK = ("mlm_probability=0.0",)

@@ -24,10 +24,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from engine.checkpoint import load_checkpoint
 from engine.consistency import ReplicaMismatchError, check_replicas_agree, state_fingerprint
 from tests.script_helpers import free_port, script_env
 from tests.test_utils import _fake_dictconfig, _install_fake_omegaconf
-from utils import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable

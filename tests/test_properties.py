@@ -1,5 +1,5 @@
 """Property-based checks (Hypothesis) of caption/question normalisation, the tokenizer and the config
-override parser, with a few examples each; ``python -m tools.fault_campaign --properties N`` runs the same
+override parser, with a few examples each; ``python -m tests.fault_campaign --properties N`` runs the same
 properties with many more."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import pytest
 
 pytest.importorskip("hypothesis")
 
-from tools import properties  # noqa: E402
-from tools.properties import PROPERTIES, run_property, same, yaml_text  # noqa: E402
+from tests.fault_campaign import properties  # noqa: E402
+from tests.fault_campaign.properties import PROPERTIES, run_property, same, yaml_text  # noqa: E402
 
 EXAMPLES = 25
 

@@ -24,24 +24,22 @@ from torch.utils.data import Dataset, DistributedSampler
 
 from dataset.collate import SafeCollate
 from dataset.resumable import ResumableSampler, create_train_loader, sample_seed
-from engine.loop import EpochSettings, NonFiniteLossError, train_one_epoch
-from engine.resume import (
+from engine.checkpoint import (
+    CheckpointWriteError,
     NonFiniteWeightsError,
     ResumePoint,
     TrainingCheckpointer,
     capture_rng_state,
+    load_checkpoint,
     restore_rng_state,
+    save_checkpoint,
+    verify_checkpoint_file,
 )
+from engine.loop import EpochSettings, NonFiniteLossError, train_one_epoch
 from optim import create_optimizer
 from scheduler import create_scheduler, epoch_start_step
 from tests.script_helpers import script_env
-from utils import (
-    CheckpointWriteError,
-    load_checkpoint,
-    save_checkpoint,
-    seed_everything,
-    verify_checkpoint_file,
-)
+from utils import seed_everything
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -352,17 +350,17 @@ def test_checkpoint_cut_anywhere_is_reported_as_damaged_not_unsafe(tmp_path, leg
 KILLER = textwrap.dedent("""
     import os, runpy, sys
     sys.path.insert(0, os.getcwd())
-    import engine.resume as resume
+    import engine.checkpoint as checkpoints
 
     target = (int(os.environ["KILL_EPOCH"]), int(os.environ["KILL_STEP"]))
-    original = resume.TrainingCheckpointer.save_last
+    original = checkpoints.TrainingCheckpointer.save_last
 
     def save_last(self, epoch, next_step=None, **extra):
         original(self, epoch, next_step, **extra)
         if (epoch, next_step) == target:
             os._exit(137)  # as abrupt as SIGKILL: no clean-up, no flushing
 
-    resume.TrainingCheckpointer.save_last = save_last
+    checkpoints.TrainingCheckpointer.save_last = save_last
     sys.argv = sys.argv[1:]
     runpy.run_path(sys.argv[0], run_name="__main__")
 """)

@@ -20,6 +20,7 @@ import torch
 from configs import load_config
 from dataset.annotations import AnnotationError
 from dataset.retrieval import RetrievalEvalDataset, RetrievalTrainDataset
+from engine.checkpoint import CheckpointLoad, load_checkpoint, load_filtered_state, prepare_state
 from engine.retrieval_eval import (
     RetrievalFeatures,
     gather_shards,
@@ -30,16 +31,10 @@ from engine.retrieval_eval import (
     unique_pairs,
 )
 from models.simla import pretrain as pretrain_model
-from models.simla.retrieval import (
-    CHECKPOINT_RULES,
-    SIMLA,
-    load_retrieval_checkpoint,
-    prepare_checkpoint_state,
-    rename_checkpoint_keys,
-)
+from models.simla.checkpoint_keys import strip_bert_prefix
+from models.simla.retrieval import SIMLA, checkpoint_filter_fn
 from models.tokenization import build_tokenizer
 from tests.script_helpers import free_port, script_env
-from utils import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -159,6 +154,18 @@ def test_zero_shot_model_has_no_idx_queue():
 # --- checkpoint mapping -------------------------------------------------------------------------------
 
 
+def prepare(source: dict, model: SIMLA) -> tuple[dict, CheckpointLoad]:
+    """The state the model would load from ``source`` and its key report (nothing is loaded)."""
+    filtered = prepare_state(source, model, checkpoint_filter_fn)
+    state, own = filtered.state_dict, model.state_dict()
+    return state, CheckpointLoad([k for k in own if k not in state], [k for k in state if k not in own],
+                                 filtered.renamed, filtered.dropped)
+
+
+def load(model: SIMLA, source: dict, path: str, script: str) -> CheckpointLoad:
+    return load_filtered_state(model, prepare_state(source, model, checkpoint_filter_fn), path, script)
+
+
 def _mapping(script: str) -> dict:
     with open(PARITY / "manifests" / "checkpoint_key_mapping.json") as handle:
         return json.load(handle)[script]
@@ -167,7 +174,7 @@ def _mapping(script: str) -> dict:
 def test_pretraining_checkpoint_loads_with_the_expected_key_families():
     source = pretraining_state()
     model = SIMLA(config=demo_config())
-    report = load_retrieval_checkpoint(model, source, "pretrain.pth", "Retrieval.py")
+    report = load(model, source, "pretrain.pth", "Retrieval.py")
     expected = _mapping("Retrieval.py")
     # the demo model has the same module names as the full-size one, only fewer layers
     assert report.missing_keys == expected["missing_keys"] == ["idx_queue"]
@@ -186,7 +193,7 @@ def test_pretraining_checkpoint_loads_with_the_expected_key_families():
 def test_position_embeddings_are_interpolated_for_another_resolution():
     source = pretraining_state()
     model = SIMLA(config=demo_config(image_res=96))
-    state, _ = prepare_checkpoint_state(source, model, "Retrieval.py")
+    state, _ = prepare(source, model)
     for name in ("visual_encoder", "visual_encoder_m"):
         pos = state[f"{name}.pos_embed"]
         assert pos.shape == (1, 37, 64)
@@ -196,14 +203,14 @@ def test_position_embeddings_are_interpolated_for_another_resolution():
 def test_zero_shot_drops_what_the_model_lacks_and_loads_strictly():
     source = pretraining_state()
     model = SIMLA(config=demo_config(), idx_queue=False)
-    report = load_retrieval_checkpoint(model, source, "pretrain.pth", "zero_shot_retrieval.py")
+    report = load(model, source, "pretrain.pth", "zero_shot_retrieval.py")
     expected = _mapping("zero_shot_retrieval.py")
     assert report.missing_keys == [] and report.unexpected_keys == expected["unexpected_keys"] == []
     assert sorted(report.dropped_keys) == sorted(_mapping("Retrieval.py")["unexpected_keys"])
     # the strict load fails with the offending key named when the checkpoint lacks an entry
     del source["itm_head.weight"]
     with pytest.raises(ValueError, match="itm_head.weight"):
-        load_retrieval_checkpoint(SIMLA(config=demo_config(), idx_queue=False), source, "p.pth",
+        load(SIMLA(config=demo_config(), idx_queue=False), source, "p.pth",
                                   "zero_shot_retrieval.py")
 
 
@@ -222,7 +229,7 @@ def test_full_size_key_mapping_matches_the_recorded_one():
         zero_shot = SIMLA(config=dict(target_config, from_scratch=True), idx_queue=False)
         for script, model in (("Retrieval.py", retrieval), ("zero_shot_retrieval.py", zero_shot)):
             expected = _mapping(script)
-            state, report = prepare_checkpoint_state(source, model, script)
+            state, report = prepare(source, model)
             assert report.renamed == expected["renamed_target_key_from_source_key"]
             loaded = [k for k in state if k in retrieval.state_dict()]
             assert len(loaded) == expected["loaded_count"]
@@ -232,22 +239,22 @@ def test_full_size_key_mapping_matches_the_recorded_one():
             assert state["visual_encoder.pos_embed"].shape == (1, 577, 768)
         # a Retrieval.py (COCO-finetuned) checkpoint loads as it is
         expected = _mapping("Retrieval.py (COCO-finetuned checkpoint)")
-        state, report = prepare_checkpoint_state(retrieval.state_dict(), retrieval, "Retrieval.py")
+        state, report = prepare(retrieval.state_dict(), retrieval)
         assert report.renamed == expected["renamed_target_key_from_source_key"] == {}
         assert report.missing_keys == report.unexpected_keys == []
         assert len(state) == expected["loaded_count"] == expected["loaded_unchanged_count"]
 
 
-def test_rename_rules_are_declared_per_script():
-    assert set(CHECKPOINT_RULES) == {"Retrieval.py", "Grounding.py", "zero_shot_retrieval.py"}
-    renamed, names = rename_checkpoint_keys({"text_encoder.bert.x": torch.zeros(1), "temp": torch.zeros(())},
-                                            "Grounding.py")
-    assert list(renamed) == ["text_encoder.x", "temp"] and names == {"text_encoder.x": "text_encoder.bert.x"}
+def test_one_filter_renames_and_the_model_decides_strictness():
+    source = {"text_encoder.bert.x": torch.zeros(1), "temp": torch.zeros(())}
+    filtered = checkpoint_filter_fn(source, SIMLA(config=demo_config()))
+    assert list(filtered.state_dict) == ["text_encoder.x", "temp"]
+    assert filtered.renamed == {"text_encoder.x": "text_encoder.bert.x"} and not filtered.strict
     with pytest.raises(ValueError, match="both map to 'text_encoder.x'"):
-        rename_checkpoint_keys({"text_encoder.bert.x": torch.zeros(1), "text_encoder.x": torch.zeros(1)},
-                               "Retrieval.py")
-    with pytest.raises(KeyError, match="VQA.py"):
-        rename_checkpoint_keys({}, "VQA.py")
+        strip_bert_prefix({"text_encoder.bert.x": torch.zeros(1), "text_encoder.x": torch.zeros(1)})
+    # the model built without an idx_queue (zero-shot evaluation) loads strictly what it has a key for
+    zero_shot = checkpoint_filter_fn(source, SIMLA(config=demo_config(), idx_queue=False))
+    assert zero_shot.strict and list(zero_shot.state_dict) == ["temp"] and zero_shot.dropped == ["text_encoder.x"]
 
 
 # --- evaluation ---------------------------------------------------------------------------------------
@@ -416,7 +423,7 @@ def recalls_by_hand(score_i2t: np.ndarray, score_t2i: np.ndarray, annotation_fil
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict[str, str]:
-    from dataset.demo import generate_demo_data
+    from demo.data import generate_demo_data
 
     return generate_demo_data(tmp_path_factory.mktemp("re_demo"), num_train_images=16, num_test_images=6,
                               image_size=64)

@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from engine.checkpoint import load_checkpoint
 from engine.runtime import prepare_output_dir
 from tests.script_helpers import script_env
 from tests.test_pretrain_script import LOG_KEYS, PYTHON, REPO, pretrain, read_log
 from tests.test_retrieval import check_metrics
 from tests.test_retrieval import read_log as read_retrieval_log
 from tests.test_retrieval import run_script as run_retrieval
-from utils import load_checkpoint
 
 LOSSES = [key[len("train_"):] for key in LOG_KEYS if key.startswith("train_loss")]
 

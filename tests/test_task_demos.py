@@ -1,4 +1,4 @@
-"""README.md's demo figures are what ``python -m tools.task_demos`` prints: the pretraining loss lines
+"""README.md's demo figures are what ``python -m demo.task_demos`` prints: the pretraining loss lines
 and the cheapest row of the task-demo table (the demo pretraining, then SNLI-VE; about 70 s on 2 cores)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tools.task_demos import main, parse_table, platform_line
+from demo.task_demos import main, parse_table, platform_line
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 CHEAPEST_ROW = "ve"
@@ -23,6 +23,6 @@ def test_readme_demo_figures_are_reproduced(tmp_path: Path) -> None:
     assert task in readme_rows, f"README.md's task-demo table has no row {task!r}"
     assert readme_rows[task] == cells, (
         f"README.md's row {task!r} reads {readme_rows[task]}, the demo chain now gives {cells}; regenerate the "
-        f"table with python -m tools.task_demos")
+        f"table with python -m demo.task_demos")
     for line in result["losses"]:
         assert line in readme, f"README.md lacks the pretraining loss line {line!r}"

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dataset.demo import generate_demo_data
+from demo.data import generate_demo_data
 from tests.script_helpers import script_env
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,4 +1,5 @@
-"""Tests for utils.py: metric logging, distributed utilities, CLI parsing and checkpoint I/O."""
+"""Tests for utils.py and engine/: metric logging, distributed utilities, CLI parsing and checkpoint I/O
+(engine.checkpoint)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
+import engine.checkpoint as checkpoints
 import utils
+from engine import distributed, metrics
 
 
 @pytest.fixture(autouse=True)
@@ -37,7 +40,7 @@ def _restore_print():
 
 
 def test_smoothed_value_statistics():
-    meter = utils.SmoothedValue()
+    meter = metrics.SmoothedValue()
     for value in (0.1, 0.2, 0.3, 0.4):
         meter.update(value)
     # torch median of a float32 tensor: the lower of the two middle values, in float32
@@ -51,7 +54,7 @@ def test_smoothed_value_statistics():
 
 
 def test_smoothed_value_window_and_weights():
-    meter = utils.SmoothedValue(window_size=2, fmt="{value:.1f}|{max:.1f}|{avg:.2f}|{global_avg:.3f}")
+    meter = metrics.SmoothedValue(window_size=2, fmt="{value:.1f}|{max:.1f}|{avg:.2f}|{global_avg:.3f}")
     meter.update(1.0, n=3)
     meter.update(2.0)
     meter.update(4.0)
@@ -59,22 +62,22 @@ def test_smoothed_value_window_and_weights():
     assert meter.count == 5
     assert meter.total == pytest.approx(9.0)
     assert str(meter) == "4.0|4.0|3.00|1.800"
-    ints = utils.SmoothedValue()
+    ints = metrics.SmoothedValue()
     for value in (3, 1, 2, 4):
         ints.update(value)
     assert ints.median == 2 and isinstance(ints.median, int)
 
 
 def test_smoothed_value_empty_does_not_crash():
-    meter = utils.SmoothedValue()
+    meter = metrics.SmoothedValue()
     assert np.isnan(meter.median) and np.isnan(meter.global_avg)
 
 
 def _pretrain_logger(clock):
-    logger = utils.MetricLogger(delimiter="  ", clock=clock)
-    logger.add_meter("lr", utils.SmoothedValue(window_size=50, fmt="{value:.6f}"))
+    logger = metrics.MetricLogger(delimiter="  ", clock=clock)
+    logger.add_meter("lr", metrics.SmoothedValue(window_size=50, fmt="{value:.6f}"))
     for name in ("loss_mlm", "loss_ita", "loss_itm", "loss_mim", "loss_pseudo"):
-        logger.add_meter(name, utils.SmoothedValue(window_size=50, fmt="{value:.4f}"))
+        logger.add_meter(name, metrics.SmoothedValue(window_size=50, fmt="{value:.4f}"))
     return logger
 
 
@@ -129,7 +132,7 @@ def test_log_every_timings_eta_and_memory(monkeypatch):
             return slow_items()
 
     lines: list[str] = []
-    logger = utils.MetricLogger(delimiter="  ", clock=clock, print_fn=lines.append)
+    logger = metrics.MetricLogger(delimiter="  ", clock=clock, print_fn=lines.append)
     for _ in logger.log_every(Sized(), 5, "Evaluation:"):
         clock.now += 1.5  # loop body
         logger.update(acc=1)
@@ -143,8 +146,8 @@ def test_log_every_timings_eta_and_memory(monkeypatch):
 
 def test_log_every_uses_print_and_patched_time(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(utils.time, "time", lambda: 5.0)
-    logger = utils.MetricLogger(delimiter="  ")
+    monkeypatch.setattr(metrics.time, "time", lambda: 5.0)
+    logger = metrics.MetricLogger(delimiter="  ")
     assert list(logger.log_every([1, 2], 50, "Generate VQA test result:")) == [1, 2]
     out = capsys.readouterr().out.splitlines()
     assert out == [
@@ -155,7 +158,7 @@ def test_log_every_uses_print_and_patched_time(monkeypatch, capsys):
 
 
 def test_metric_logger_str_and_type_check():
-    logger = utils.MetricLogger(delimiter="  ")
+    logger = metrics.MetricLogger(delimiter="  ")
     logger.update(loss=torch.tensor(2.0), acc=np.float32(0.5))
     assert str(logger) == "loss: 2.0000 (2.0000)  acc: 0.5000 (0.5000)"
     with pytest.raises(TypeError, match="loss"):
@@ -165,8 +168,8 @@ def test_metric_logger_str_and_type_check():
 
 
 def test_format_time():
-    assert utils.format_time(0) == "0:00:00"
-    assert utils.format_time(3725.9) == "1:02:05"
+    assert metrics.format_time(0) == "0:00:00"
+    assert metrics.format_time(3725.9) == "1:02:05"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -206,9 +209,9 @@ def test_seed_everything_is_reproducible():
 
 
 def test_append_log(tmp_path):
-    utils.append_log(tmp_path, {"train_lr": "0.000", "epoch": 0})
-    utils.append_log(str(tmp_path), {"test_r_mean": 12.5, "epoch": 1})
-    utils.append_log(tmp_path, "best epoch: 1")
+    metrics.append_log(tmp_path, {"train_lr": "0.000", "epoch": 0})
+    metrics.append_log(str(tmp_path), {"test_r_mean": 12.5, "epoch": 1})
+    metrics.append_log(tmp_path, "best epoch: 1")
     assert (tmp_path / "log.txt").read_text() == (
         '{"train_lr": "0.000", "epoch": 0}\n{"test_r_mean": 12.5, "epoch": 1}\nbest epoch: 1'
     )
@@ -238,7 +241,7 @@ def test_init_distributed_mode_without_env(clean_env, capsys):
     clean_env.setattr(dist, "barrier", _forbid)
     clean_env.setattr(torch.cuda, "set_device", _forbid)
     args = argparse.Namespace(device="cuda", dist_url="env://", world_size=1, distributed=True)
-    utils.init_distributed_mode(args)
+    distributed.init_distributed_mode(args)
     assert args.distributed is False
     assert capsys.readouterr().out == "Not using distributed mode\n"
     print("still printed", force=True)
@@ -260,7 +263,7 @@ def test_init_distributed_mode_torchrun_env_cpu(clean_env, capsys):
     clean_env.setattr(dist, "init_process_group", _record_init(calls))
     clean_env.setattr(torch.cuda, "set_device", _forbid)
     args = argparse.Namespace(device="cpu", dist_url="env://", world_size=1)
-    utils.init_distributed_mode(args)
+    distributed.init_distributed_mode(args)
     assert (args.rank, args.world_size, args.gpu, args.distributed) == (1, 2, 1, True)
     assert args.dist_backend == "gloo"
     assert calls == [{"backend": "gloo", "init_method": "env://", "world_size": 2, "rank": 1,
@@ -283,7 +286,7 @@ def test_init_distributed_mode_cuda_uses_nccl(clean_env):
     clean_env.setattr(torch.cuda, "set_device", devices.append)
     clean_env.setattr(dist, "init_process_group", _record_init(calls))
     args = argparse.Namespace(device="cuda", dist_url="tcp://127.0.0.1:1234")
-    utils.init_distributed_mode(args)
+    distributed.init_distributed_mode(args)
     assert args.dist_backend == "nccl" and devices == [0]
     assert calls[0]["backend"] == "nccl" and calls[0]["init_method"] == "tcp://127.0.0.1:1234"
 
@@ -295,7 +298,7 @@ def test_init_distributed_mode_slurm(clean_env):
     clean_env.setenv("SLURM_LOCALID", "1")
     clean_env.setattr(dist, "init_process_group", _record_init(calls))
     args = argparse.Namespace(device="cpu", dist_url="tcp://127.0.0.1:1234", world_size=1)
-    utils.init_distributed_mode(args)
+    distributed.init_distributed_mode(args)
     assert (args.rank, args.world_size, args.gpu) == (3, 4, 1)
     assert calls[0]["rank"] == 3 and calls[0]["world_size"] == 4
 
@@ -306,7 +309,7 @@ def test_init_distributed_mode_single_slurm_task_without_rendezvous(clean_env, c
     clean_env.delenv("MASTER_ADDR", raising=False)
     clean_env.setattr(dist, "init_process_group", _forbid)
     args = argparse.Namespace(device="cpu", dist_url="env://", world_size=1)
-    utils.init_distributed_mode(args)
+    distributed.init_distributed_mode(args)
     assert args.distributed is False
     assert "Not using distributed mode" in capsys.readouterr().out
 
@@ -322,7 +325,7 @@ def test_collectives_without_process_group(clean_env):
     assert utils.concat_all_gather(tensor) is tensor
     assert utils.all_gather_tensor(tensor) is tensor
     assert utils.all_reduce_sum(tensor) is tensor
-    meter = utils.SmoothedValue()
+    meter = metrics.SmoothedValue()
     meter.update(2.0, n=3)
     meter.synchronize_between_processes()
     assert (meter.count, meter.total) == (3, 6.0)
@@ -339,7 +342,7 @@ def test_collectives_with_single_process_gloo_group(tmp_path):
         gathered = utils.concat_all_gather(torch.arange(6.0).view(3, 2))
         assert torch.equal(gathered, torch.arange(6.0).view(3, 2))
         assert torch.equal(utils.all_reduce_sum(torch.ones(2)), torch.ones(2))
-        logger = utils.MetricLogger(delimiter="  ")
+        logger = metrics.MetricLogger(delimiter="  ")
         logger.meters["acc"].update(0.5, n=4)
         logger.synchronize_between_processes()  # CPU tensors with gloo, no CUDA needed
         assert logger.meters["acc"].count == 4 and logger.meters["acc"].global_avg == 0.5
@@ -355,8 +358,8 @@ def test_collectives_with_single_process_gloo_group(tmp_path):
 def test_save_checkpoint_round_trip(tmp_path):
     path = tmp_path / "sub" / "checkpoint_00.pth"
     state = {"model": {"w": torch.arange(3.0)}, "epoch": 0, "config": {"lr": 1e-4}}
-    utils.save_checkpoint(state, path)
-    loaded = utils.load_checkpoint(path)
+    checkpoints.save_checkpoint(state, path)
+    loaded = checkpoints.load_checkpoint(path)
     assert torch.equal(loaded["model"]["w"], state["model"]["w"])
     assert loaded["config"] == {"lr": 1e-4} and loaded["epoch"] == 0
     assert os.listdir(path.parent) == ["checkpoint_00.pth"]
@@ -364,7 +367,7 @@ def test_save_checkpoint_round_trip(tmp_path):
 
 def test_save_checkpoint_failure_keeps_previous_file(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint_best.pth"
-    utils.save_checkpoint({"epoch": 1}, path)
+    checkpoints.save_checkpoint({"epoch": 1}, path)
     real_save = torch.save
 
     def failing_save(obj, handle, *args, **kwargs):
@@ -373,39 +376,39 @@ def test_save_checkpoint_failure_keeps_previous_file(tmp_path, monkeypatch):
         handle.write(buffer.getvalue()[:20])  # half-written file
         raise OSError("disk full")
 
-    monkeypatch.setattr(utils.torch, "save", failing_save)
+    monkeypatch.setattr(torch, "save", failing_save)
     with pytest.raises(OSError, match="disk full"):
-        utils.save_checkpoint({"epoch": 2}, path)
+        checkpoints.save_checkpoint({"epoch": 2}, path)
     monkeypatch.undo()
-    assert utils.load_checkpoint(path) == {"epoch": 1}
+    assert checkpoints.load_checkpoint(path) == {"epoch": 1}
     assert os.listdir(tmp_path) == ["checkpoint_best.pth"]
 
 
 def test_load_checkpoint_legacy_format(tmp_path):
     path = tmp_path / "legacy.pth"
     torch.save({"w": torch.ones(2), "epoch": 3}, path, _use_new_zipfile_serialization=False)
-    loaded = utils.load_checkpoint(path)
+    loaded = checkpoints.load_checkpoint(path)
     assert torch.equal(loaded["w"], torch.ones(2)) and loaded["epoch"] == 3
 
 
 def test_load_checkpoint_missing_and_corrupt(tmp_path):
     missing = tmp_path / "nope.pth"
     with pytest.raises(FileNotFoundError, match="nope.pth"):
-        utils.load_checkpoint(missing)
+        checkpoints.load_checkpoint(missing)
     good = tmp_path / "good.pth"
     torch.save({"w": torch.ones(1000)}, good)
     truncated = tmp_path / "truncated.pth"
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     with pytest.raises(RuntimeError, match="truncated.pth"):
-        utils.load_checkpoint(truncated)
+        checkpoints.load_checkpoint(truncated)
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"this is not a checkpoint")
     with pytest.raises(RuntimeError, match="garbage.pth"):
-        utils.load_checkpoint(garbage)
+        checkpoints.load_checkpoint(garbage)
     empty = tmp_path / "empty.pth"
     empty.write_bytes(b"")
     with pytest.raises(RuntimeError, match="empty.pth"):
-        utils.load_checkpoint(empty)
+        checkpoints.load_checkpoint(empty)
 
 
 class _WritesMarker:
@@ -422,23 +425,23 @@ def test_malicious_checkpoint_is_refused_and_not_executed(tmp_path):
     marker = tmp_path / "marker.txt"
     path = tmp_path / "evil.pth"
     torch.save({"model": {}, "payload": _WritesMarker(str(marker))}, path)
-    with pytest.raises(utils.UnsafeCheckpointError) as info:
-        utils.load_checkpoint(path)
+    with pytest.raises(checkpoints.UnsafeCheckpointError) as info:
+        checkpoints.load_checkpoint(path)
     message = str(info.value)
     assert "builtins.exec" in message and "--trust_checkpoint" in message and str(path) in message
     assert info.value.unsafe_globals == ["builtins.exec"]
     assert not marker.exists()
     # the payload is real: full unpickling (trust=True) does run it
-    utils.load_checkpoint(path, trust=True)
+    checkpoints.load_checkpoint(path, trust=True)
     assert marker.read_text() == "pwned"
 
 
 def test_unknown_class_is_refused_with_its_name(tmp_path):
     path = tmp_path / "namespace.pth"
     torch.save({"args": argparse.Namespace(lr=1e-4)}, path)
-    with pytest.raises(utils.UnsafeCheckpointError, match="argparse.Namespace"):
-        utils.load_checkpoint(path)
-    assert utils.load_checkpoint(path, trust=True)["args"].lr == 1e-4
+    with pytest.raises(checkpoints.UnsafeCheckpointError, match="argparse.Namespace"):
+        checkpoints.load_checkpoint(path)
+    assert checkpoints.load_checkpoint(path, trust=True)["args"].lr == 1e-4
 
 
 # --- OmegaConf-style checkpoints --------------------------------------------------------------------
@@ -532,7 +535,7 @@ def test_omegaconf_style_checkpoint_loads_as_plain_dict(tmp_path, monkeypatch):
         globals_needed
     )
     for trust in (False, True):
-        loaded = utils.load_checkpoint(path, trust=trust)
+        loaded = checkpoints.load_checkpoint(path, trust=trust)
         assert loaded["config"] == _PRETRAIN_CONFIG
         assert type(loaded["config"]) is dict and type(loaded["config"]["train_file"]) is list
         assert type(loaded["config"]["optimizer"]) is dict
@@ -568,7 +571,7 @@ def test_real_omegaconf_pickle_loads_without_omegaconf(tmp_path):
     expected = {"train_file": ["a.json"], "lr": 1e-4, "res": 256, "flag": True, "none": None,
                 "opt": {"opt": "adamW", "lr": 2e-5}}
     for trust in (False, True):
-        loaded = utils.load_checkpoint(path, trust=trust)
+        loaded = checkpoints.load_checkpoint(path, trust=trust)
         assert loaded == {"config": expected, "epoch": 3}
         assert json.dumps(loaded["config"])  # plain JSON-serialisable tree
     assert had_omegaconf or "omegaconf" not in sys.modules

@@ -25,11 +25,17 @@ from configs import load_config
 from dataset.annotations import AnnotationError
 from dataset.collate import vqa_collate_fn
 from dataset.vqa import VQADataset, answer_weights, create_vqa_datasets
-from dataset.vqa_eval import answer_accuracy, merge_rank_results, normalize_answer, vqa_accuracy
-from models.simla.vqa import SIMLA, is_pretrain_layout, map_pretrain_checkpoint, pretrain_key_sources
+from engine.checkpoint import load_checkpoint, load_checkpoint_into
+from engine.vqa_eval import answer_accuracy, merge_rank_results, normalize_answer, vqa_accuracy
+from models.simla.vqa import (
+    SIMLA,
+    checkpoint_filter_fn,
+    is_pretrain_layout,
+    map_pretrain_checkpoint,
+    pretrain_key_sources,
+)
 from models.tokenization import build_tokenizer
 from tests.script_helpers import free_port, script_env
-from utils import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 PARITY = REPO / "tests" / "data" / "parity"
@@ -224,35 +230,31 @@ def test_tiny_pretrain_checkpoint_fills_the_decoder_from_the_last_layers(tokeniz
 def test_script_loading_renames_only_for_training(tokenizer, tmp_path, capsys):
     """Training runs rename a pretraining checkpoint; --evaluate needs a VQA checkpoint and refuses a
     pretraining one (the answer decoder would stay uninitialised), naming the missing keys."""
-    import VQA
-
     path = tmp_path / "pretrain.pth"
     torch.save({"model": _tiny_pretrain_state(tokenizer)}, path)
     model = SIMLA(tokenizer=tokenizer, config=_demo_config())
-    args = VQA.get_parser().parse_args(["--checkpoint", str(path)])
     before = model.text_decoder.bert.encoder.layer[0].output.dense.weight.detach().clone()
-    assert VQA.load_checkpoint_into(model, args, None, 1).epoch == 0
+    load_checkpoint_into(model, str(path), checkpoint_filter_fn, "VQA.py", own=False)
     after = model.text_decoder.bert.encoder.layer[0].output.dense.weight
     printed = capsys.readouterr().out
     assert not torch.equal(after, before) and "missing_keys=[]" in printed and "warning" not in printed
 
     model = SIMLA(tokenizer=tokenizer, config=_demo_config())
-    args = VQA.get_parser().parse_args(["--checkpoint", str(path), "--evaluate"])
     with pytest.raises(ValueError, match=r"VQA\.py: checkpoint .* does not fit .*\n  missing keys .*text_encoder\.embeddings"):
-        VQA.load_checkpoint_into(model, args, None, 1)
+        load_checkpoint_into(model, str(path), checkpoint_filter_fn, "VQA.py", own=True)  # as with --evaluate
 
 
 def test_save_result_merges_and_checks_completeness(tmp_path, capsys):
-    import VQA
+    from engine.vqa_eval import save_result
 
     result = [{"question_id": 5, "answer": "a"}, {"question_id": 3, "answer": "b"}, {"question_id": 5, "answer": "a"}]
-    path, merged = VQA.save_result(result, str(tmp_path), "vqa_result_epoch2", question_ids=[3, 5])
+    path, merged = save_result(result, str(tmp_path), "vqa_result_epoch2", question_ids=[3, 5])
     assert path == str(tmp_path / "vqa_result_epoch2.json") and merged == result[:2]
     assert read_json(tmp_path / "vqa_result_epoch2.json") == result[:2]
     assert read_json(tmp_path / "vqa_result_epoch2_rank0.json") == result
     assert f"result file saved to {path}" in capsys.readouterr().out
     with pytest.raises(RuntimeError, match=r"1 test questions unanswered \(e.g. \[7\]\)"):
-        VQA.save_result(result, str(tmp_path), "incomplete", question_ids=[3, 5, 7])
+        save_result(result, str(tmp_path), "incomplete", question_ids=[3, 5, 7])
 
 
 # --- model options ----------------------------------------------------------------------------------------

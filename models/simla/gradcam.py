@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from engine.precision import autocast
+from models.precision import autocast
 
 GRADCAM_MODES = ("itm", "itc")
 DEFAULT_BLOCK_NUM = 8

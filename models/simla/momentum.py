@@ -17,6 +17,9 @@ import torch.nn.functional as F
 
 from utils import concat_all_gather
 
+#: The EMA rate the original hard-codes in its VQA, NLVR2 and SNLI-VE models.
+FINE_TUNING_MOMENTUM = 0.995
+
 
 def _pair_params(pairs: Sequence[Sequence[nn.Module]]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     online: list[torch.Tensor] = []

@@ -7,10 +7,7 @@ cross-attention key and value projections, so both layers of a pair read their i
 same keys and values. The depth and the first shared layer are config keys (``nlvr_num_layers`` 18,
 ``nlvr_split_layer`` 6) so smaller models can use the same layout.
 
-Config keys read: ``image_res``, ``bert_config``, ``distill``; optional ``vit_mask_token`` (True),
-``vision_width``/``vision_depth``/``vision_heads``/``patch_size`` (ViT-B/16), ``from_scratch``
-(False: layers 0-11 of ``--text_encoder`` initialise the BERT), ``nlvr_num_layers`` (18),
-``nlvr_split_layer`` (6).
+Config keys: the ``nlvr`` task's in :mod:`configs.schema`, whose defaults fill the absent ones.
 """
 
 from __future__ import annotations
@@ -20,15 +17,11 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from configs.schema import with_defaults
 from models.bert import BertModel, load_bert_config, load_pretrained_bert, pretrained_source
-from models.simla.momentum import MomentumMixin
-from models.vit import vit_from_config
-
-NLVR_NUM_LAYERS = 18
-NLVR_SPLIT_LAYER = 6
-MOMENTUM = 0.995  # the original hard-codes the EMA rate of the fine-tuning models
+from models.simla.checkpoint_keys import FilteredState
+from models.simla.classifier import DistilledClassifier
 
 #: ``NLVR.py`` starting from a ``Pretrain_NLVR.py`` checkpoint (glob patterns over state_dict keys):
 #: model entries it may lack (the classifiers, and the momentum models, which ``copy_params`` fills
@@ -45,8 +38,8 @@ def nlvr_layout(config: Mapping[str, Any]) -> tuple[int, int]:
     Layers ``[split_layer, num_layers)`` come in cross-attention-sharing pairs, so their count must be
     even; the original uses 18 and 6.
     """
-    num_layers = int(config.get("nlvr_num_layers", NLVR_NUM_LAYERS))
-    split = int(config.get("nlvr_split_layer", NLVR_SPLIT_LAYER))
+    num_layers = int(config["nlvr_num_layers"])
+    split = int(config["nlvr_split_layer"])
     if num_layers < 1 or not 0 <= split <= num_layers:
         raise ValueError(f"config: nlvr_num_layers={num_layers} and nlvr_split_layer={split} must satisfy "
                          "0 <= nlvr_split_layer <= nlvr_num_layers and nlvr_num_layers >= 1")
@@ -56,7 +49,7 @@ def nlvr_layout(config: Mapping[str, Any]) -> tuple[int, int]:
     return num_layers, split
 
 
-def share_cross_attention(encoder: nn.Module, split_layer: int = NLVR_SPLIT_LAYER) -> None:
+def share_cross_attention(encoder: nn.Module, split_layer: int) -> None:
     """Make layers ``(n, n+1)`` for ``n = split_layer, split_layer+2, ...`` share one cross-attention
     key and one value projection (weights and biases).
 
@@ -94,10 +87,6 @@ def build_nlvr_text_encoder(config: Mapping[str, Any], pretrained: str | None = 
     return encoder
 
 
-def _classifier(width: int, num_classes: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, num_classes))
-
-
 def two_image_states(image_embeds: torch.Tensor, batch: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Split ``[image0; image1]`` embeddings into the two per-layer state lists (states, masks)."""
     if image_embeds.shape[0] != 2 * batch:
@@ -108,74 +97,50 @@ def two_image_states(image_embeds: torch.Tensor, batch: int) -> tuple[list[torch
     return [first, second], [atts[:batch], atts[batch:]]
 
 
-class SIMLA(MomentumMixin, nn.Module):
-    """NLVR2 classifier: ``forward(image, text, targets, alpha, train)``."""
+class SIMLANLVR(DistilledClassifier):
+    """NLVR2 classifier: ``forward(image, text, targets, alpha, train)`` with ``image`` ``(2B, 3, H, W)``,
+    the B first images then the B second images; logits ``(B, 2)``."""
 
     def __init__(self, text_encoder: str | None = None, tokenizer: Any = None,
                  config: Mapping[str, Any] | None = None) -> None:
         super().__init__()
         if config is None:
             raise ValueError("the NLVR model needs a config")
+        config = with_defaults(config, "nlvr")
         self.tokenizer = tokenizer
-        self.distill = bool(config["distill"])
+        # the original copies the momentum models before loading a checkpoint; true: after (checkpoint_filter_fn)
+        self.copy_momentum_after_load = bool(config["copy_momentum_after_load"])
         pretrained = pretrained_source(config, text_encoder)
+        # the momentum BERT gets its weights from copy_params, so it is not loaded from disk
+        self.build_classifier(config, 2, lambda online: build_nlvr_text_encoder(config, pretrained if online else None))
 
-        self.visual_encoder = vit_from_config(config)
-        self.text_encoder = build_nlvr_text_encoder(config, pretrained)
-        width = self.text_encoder.config.hidden_size
-        self.cls_head = _classifier(width, 2)
-
-        if self.distill:
-            self.visual_encoder_m = vit_from_config(config)
-            # the momentum BERT gets its weights from copy_params, so it is not loaded from disk
-            self.text_encoder_m = build_nlvr_text_encoder(config)
-            self.cls_head_m = _classifier(width, 2)
-            self.init_momentum([
-                [self.visual_encoder, self.visual_encoder_m],
-                [self.text_encoder, self.text_encoder_m],
-                [self.cls_head, self.cls_head_m],
-            ], MOMENTUM)
-
-    def copy_params(self) -> None:
-        """Online weights into the momentum models (a no-op without distillation)."""
-        if self.distill:
-            super().copy_params()
-
-    def _classify(self, visual_encoder: nn.Module, text_encoder: BertModel, cls_head: nn.Module,
-                  image: torch.Tensor, text: Any, batch: int) -> torch.Tensor:
-        states, masks = two_image_states(visual_encoder(image), batch)
+    def classify(self, image: torch.Tensor, text: Any, targets: torch.Tensor | None, momentum: bool) -> torch.Tensor:
+        visual_encoder, text_encoder, cls_head = self.encoders(momentum)
+        states, masks = two_image_states(visual_encoder(image), targets.shape[0])
         output = text_encoder(text.input_ids, attention_mask=text.attention_mask, encoder_hidden_states=states,
                               encoder_attention_mask=masks, mode="multi_modal")
         return cls_head(output.last_hidden_state[:, 0, :])
 
-    def forward(self, image: torch.Tensor, text: Any, targets: torch.Tensor, alpha: float = 0.0,
-                train: bool = True) -> torch.Tensor:
-        """``image`` is ``(2B, 3, H, W)``: the B first images, then the B second images.
 
-        Returns the loss when ``train`` (with momentum distillation weighted by ``alpha`` if the
-        model distils), else the ``(B, 2)`` logits.
-        """
-        batch = targets.shape[0]
-        prediction = self._classify(self.visual_encoder, self.text_encoder, self.cls_head, image, text, batch)
-        if not train:
-            return prediction
-        if not self.distill:
-            return F.cross_entropy(prediction, targets)
-        with torch.no_grad():
-            self._momentum_update()
-            prediction_m = self._classify(self.visual_encoder_m, self.text_encoder_m, self.cls_head_m, image,
-                                          text, batch)
-        return distillation_loss(prediction, prediction_m, targets, alpha)
+SIMLA = SIMLANLVR
 
 
-def distillation_loss(prediction: torch.Tensor, prediction_m: torch.Tensor, targets: torch.Tensor,
-                      alpha: float) -> torch.Tensor:
-    """``(1 - alpha) * CE(prediction, targets) + alpha * CE(prediction, softmax(prediction_m))``."""
-    soft = -torch.sum(F.log_softmax(prediction, dim=1) * F.softmax(prediction_m, dim=1), dim=1).mean()
-    return (1 - alpha) * F.cross_entropy(prediction, targets) + alpha * soft
+def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: SIMLANLVR, own: bool = False) -> FilteredState:
+    """A ``Pretrain_NLVR.py`` (or ``NLVR.py``) checkpoint, loaded as it is (``own`` changes nothing).
+
+    As in the original, the momentum models are made copies of the freshly built online models before
+    loading, so momentum weights the checkpoint lacks keep those values; ``copy_momentum_after_load``
+    copies the loaded weights instead.
+    """
+    del own
+    if not model.copy_momentum_after_load:
+        model.copy_params()
+    return FilteredState(dict(state_dict), "a Pretrain_NLVR.py or NLVR.py checkpoint",
+                         missing=PRETRAIN_NLVR_CHECKPOINT_MISSING, unexpected=PRETRAIN_NLVR_CHECKPOINT_UNEXPECTED,
+                         after_load=model.copy_params if model.copy_momentum_after_load else None)
 
 
-def build_for_manifest(config: Mapping[str, Any], vocab_size: int) -> SIMLA:
+def build_for_manifest(config: Mapping[str, Any], vocab_size: int) -> SIMLANLVR:
     """The model as the original builds it for a state-dict manifest (no pretrained weights)."""
     del vocab_size  # the BERT config fixes the vocabulary
-    return SIMLA(config=dict(config, from_scratch=True))
+    return SIMLANLVR(config=dict(config, from_scratch=True))

@@ -1,11 +1,6 @@
 """SIMLA pretraining model: ITA, ITM, MLM, cross-modal MIM and keyword pseudo-label supervision.
 
-Config keys read: ``image_res``, ``vision_width``, ``embed_dim``, ``temp``, ``queue_size``,
-``momentum``, ``mlm_probability``, ``bert_config``; optional ``from_scratch`` (False),
-``vision_depth``/``vision_heads``/``patch_size`` (ViT-B/16), ``deit_weights`` (the DeiT URL or a local
-file), ``grad_checkpointing`` (False), ``distill_softmax_dim`` (1, the original's sequence-axis
-log-softmax in MLM distillation; -1 normalises over the vocabulary), ``psl_layer`` (last layer),
-``psl_keys_per_head`` (4), ``psl_num_keywords`` (5).
+Config keys: the ``pretrain`` task's in :mod:`configs.schema`, whose defaults fill the absent ones.
 """
 
 from __future__ import annotations
@@ -18,14 +13,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.bert import (
-    BertForMaskedLM,
-    build_bert,
-    load_bert_config,
-    pretrained_source,
-    vocabulary_projection,
-)
+from configs.schema import with_defaults
+from models.bert import BertForMaskedLM, build_bert, load_bert_config, pretrained_source
 from models.dvae import DALLE_VOCAB_SIZE
+from models.lean_autograd import vocabulary_projection
+from models.simla.alignment import ita_loss, itm_loss, sample_negatives
+from models.simla.checkpoint_keys import FilteredState
 from models.simla.momentum import MomentumMixin
 from models.vit import DEIT_BASE_URL, load_deit_weights, vit_from_config
 
@@ -56,12 +49,7 @@ def mask_tokens(input_ids: torch.Tensor, vocab_size: int, mlm_probability: float
     return ids.to(device), labels.to(device)
 
 
-def sample_negatives(weights: torch.Tensor) -> torch.Tensor:
-    """One index per row drawn from each row's (unnormalised) weights, in a single call."""
-    return torch.multinomial(weights, 1).squeeze(1)
-
-
-class SIMLA(MomentumMixin, nn.Module):
+class SIMLAPretrain(MomentumMixin, nn.Module):
     def __init__(self, text_encoder: str | None = None, tokenizer: Any = None,
                  config: Mapping[str, Any] | None = None, temp: float = 0.07) -> None:
         super().__init__()
@@ -69,6 +57,7 @@ class SIMLA(MomentumMixin, nn.Module):
             raise ValueError("SIMLA pretraining model needs a config")
         if tokenizer is None:
             raise ValueError("SIMLA pretraining model needs the tokenizer (its vocabulary sizes the keyword heads)")
+        config = with_defaults(config, "pretrain")
         self.tokenizer = tokenizer
         self.vocab_size = int(tokenizer.vocab_size)
         self.cls_token_id = int(getattr(tokenizer, "cls_token_id", CLS_ID))
@@ -76,18 +65,17 @@ class SIMLA(MomentumMixin, nn.Module):
         self.mask_token_id = int(getattr(tokenizer, "mask_token_id", MASK_ID))
         self.mlm_probability = float(config["mlm_probability"])
         # a batch in which the 15 % draw masks no token: MLM loss zero (counted), or the original's NaN
-        self.mlm_empty_mask_nan = bool(config.get("mlm_empty_mask_nan", False))
+        self.mlm_empty_mask_nan = bool(config["mlm_empty_mask_nan"])
         self._empty_mlm_steps: torch.Tensor | None = None
         embed_dim = int(config["embed_dim"])
         vision_width = int(config["vision_width"])
-        from_scratch = bool(config.get("from_scratch", False))
 
         self.visual_encoder = vit_from_config(config, mask_token=True)
-        if not from_scratch:
-            load_deit_weights(self.visual_encoder, config.get("deit_weights") or DEIT_BASE_URL)
+        if not config["from_scratch"]:
+            load_deit_weights(self.visual_encoder, config["deit_weights"] or DEIT_BASE_URL)
 
         bert_config = load_bert_config(config["bert_config"])
-        distill_dim = int(config.get("distill_softmax_dim", 1))
+        distill_dim = int(config["distill_softmax_dim"])
         self.text_encoder = build_bert(BertForMaskedLM, bert_config, pretrained_source(config, text_encoder),
                                        distill_softmax_dim=distill_dim)
         text_width = bert_config.hidden_size
@@ -116,10 +104,11 @@ class SIMLA(MomentumMixin, nn.Module):
         ], config["momentum"])
         self.init_queues(embed_dim, config["queue_size"])
 
-        self.psl_layer = int(config.get("psl_layer", bert_config.num_hidden_layers - 1))
-        self.psl_keys_per_head = int(config.get("psl_keys_per_head", 4))
-        self.psl_num_keywords = int(config.get("psl_num_keywords", 5))
-        if config.get("grad_checkpointing", False):
+        psl_layer = config["psl_layer"]
+        self.psl_layer = bert_config.num_hidden_layers - 1 if psl_layer is None else int(psl_layer)
+        self.psl_keys_per_head = int(config["psl_keys_per_head"])
+        self.psl_num_keywords = int(config["psl_num_keywords"])
+        if config["grad_checkpointing"]:
             self.set_grad_checkpointing(True)
         # Exact reformulations of the step (same values, same random draws, gradients equal up to float
         # summation order), attributes so that a test can compare them with the plain computation:
@@ -200,27 +189,14 @@ class SIMLA(MomentumMixin, nn.Module):
             else:
                 image_embeds_m = self.visual_encoder_m(image)
             image_feat_m = F.normalize(self.vision_proj_m(image_embeds_m[:, 0, :]), dim=-1)
-            image_feat_all = torch.cat([image_feat_m.t(), self.image_queue.clone().detach()], dim=1)
             text_out_m = self.text_encoder_m.bert(ids, attention_mask=text_mask, mode="text")
             text_feat_m = F.normalize(self.text_proj_m(text_out_m.last_hidden_state[:, 0, :]), dim=-1)
-            text_feat_all = torch.cat([text_feat_m.t(), self.text_queue.clone().detach()], dim=1)
-            sim_i2t_m = image_feat_m @ text_feat_all / self.temp
-            sim_t2i_m = text_feat_m @ image_feat_all / self.temp
-            sim_targets = torch.zeros_like(sim_i2t_m)
-            sim_targets.fill_diagonal_(1)
-            sim_i2t_targets = alpha * F.softmax(sim_i2t_m, dim=1) + (1 - alpha) * sim_targets
-            sim_t2i_targets = alpha * F.softmax(sim_t2i_m, dim=1) + (1 - alpha) * sim_targets
-
-        sim_i2t = image_feat @ text_feat_all / self.temp
-        sim_t2i = text_feat @ image_feat_all / self.temp
-        loss_i2t = -torch.sum(F.log_softmax(sim_i2t, dim=1) * sim_i2t_targets, dim=1).mean()
-        loss_t2i = -torch.sum(F.log_softmax(sim_t2i, dim=1) * sim_t2i_targets, dim=1).mean()
-        loss_ita = (loss_i2t + loss_t2i) / 2
+        ita = ita_loss(self, image_feat, text_feat, image_feat_m, text_feat_m, alpha)
         self._dequeue_and_enqueue(image_feat_m, text_feat_m)
         if return_intermediates:
             inter.update(image_feat=image_feat, text_feat=text_feat, image_feat_m=image_feat_m,
-                         text_feat_m=text_feat_m, sim_i2t=sim_i2t, sim_t2i=sim_t2i,
-                         sim_i2t_targets=sim_i2t_targets, sim_t2i_targets=sim_t2i_targets)
+                         text_feat_m=text_feat_m, sim_i2t=ita.sim_i2t, sim_t2i=ita.sim_t2i,
+                         sim_i2t_targets=ita.sim_i2t_targets, sim_t2i_targets=ita.sim_t2i_targets)
 
         # ---- ITM with hard negatives
         # the online fusion passes (ITM positives, negatives, MLM) all attend to rows of image_embeds
@@ -230,35 +206,27 @@ class SIMLA(MomentumMixin, nn.Module):
                                             encoder_attention_mask=image_atts, mode="multimodal",
                                             encoder_kv=image_kv)
         batch = image.shape[0]
-        with torch.no_grad():
-            weights_i2t = F.softmax(sim_i2t[:, :batch].float(), dim=1)
-            weights_t2i = F.softmax(sim_t2i[:, :batch].float(), dim=1)
-            weights_i2t.fill_diagonal_(0)
-            weights_t2i.fill_diagonal_(0)
-        neg_image_idx, neg_text_idx = self.sample_itm_negatives(weights_t2i, weights_i2t)
-        text_ids_neg, text_mask_neg = ids[neg_text_idx], text_mask[neg_text_idx]
-        # rows: each text with its hard-negative image, then each image with its hard-negative text
-        image_rows = torch.cat([neg_image_idx, torch.arange(batch, device=neg_image_idx.device)])
-        if image_kv is None:
-            neg_states, neg_kv = image_embeds[image_rows], None
-        else:
-            neg_states, neg_kv = None, image_kv.select(image_rows)
-        if words is None:
-            neg_caption = {"input_ids": torch.cat([ids, text_ids_neg], dim=0)}
-        else:
-            neg_caption = {"inputs_embeds": torch.cat([words, words[neg_text_idx]], dim=0)}
-        output_neg = self.text_encoder.bert(
-            **neg_caption, attention_mask=torch.cat([text_mask, text_mask_neg], dim=0),
-            encoder_hidden_states=neg_states, encoder_attention_mask=torch.cat([image_atts, image_atts], dim=0),
-            mode="multimodal", encoder_kv=neg_kv)
-        vl_embeddings = torch.cat([output_pos.last_hidden_state[:, 0, :], output_neg.last_hidden_state[:, 0, :]])
-        vl_output = self.itm_head(vl_embeddings)
-        itm_labels = torch.cat([torch.ones(batch, dtype=torch.long), torch.zeros(2 * batch, dtype=torch.long)]
-                               ).to(image.device)
-        loss_itm = F.cross_entropy(vl_output, itm_labels)
+
+        def fuse_negatives(neg_image_idx: torch.Tensor, neg_text_idx: torch.Tensor) -> torch.Tensor:
+            # rows: each text with its hard-negative image, then each image with its hard-negative text
+            image_rows = torch.cat([neg_image_idx, torch.arange(batch, device=neg_image_idx.device)])
+            if image_kv is None:
+                neg_states, neg_kv = image_embeds[image_rows], None
+            else:
+                neg_states, neg_kv = None, image_kv.select(image_rows)
+            if words is None:
+                neg_caption = {"input_ids": torch.cat([ids, ids[neg_text_idx]], dim=0)}
+            else:
+                neg_caption = {"inputs_embeds": torch.cat([words, words[neg_text_idx]], dim=0)}
+            return self.text_encoder.bert(
+                **neg_caption, attention_mask=torch.cat([text_mask, text_mask[neg_text_idx]], dim=0),
+                encoder_hidden_states=neg_states, encoder_attention_mask=torch.cat([image_atts, image_atts], dim=0),
+                mode="multimodal", encoder_kv=neg_kv).last_hidden_state[:, 0, :]
+
+        itm = itm_loss(self, output_pos.last_hidden_state[:, 0, :], ita, fuse_negatives)
         if return_intermediates:
-            inter.update(itm_logits=vl_output, itm_labels=itm_labels, itm_negative_text_ids=text_ids_neg,
-                         itm_negative_image_index=neg_image_idx, itm_negative_text_index=neg_text_idx)
+            inter.update(itm_logits=itm.logits, itm_labels=itm.labels, itm_negative_text_ids=ids[itm.neg_text_idx],
+                         itm_negative_image_index=itm.neg_image_idx, itm_negative_text_index=itm.neg_text_idx)
 
         # ---- MLM: masked text attending to the image
         mlm_ids, mlm_labels = self.mask(ids)
@@ -315,7 +283,7 @@ class SIMLA(MomentumMixin, nn.Module):
                          concept_soft_targets=soft_targets, pseudolabel_predictions=predictions,
                          loss_pseudolabels_hard=loss_psl_hard, loss_pseudolabels_soft=loss_psl_soft)
 
-        losses = (loss_mlm, loss_ita, loss_itm, loss_mim, loss_pseudolabels)
+        losses = (loss_mlm, ita.loss, itm.loss, loss_mim, loss_pseudolabels)
         return (*losses, inter) if return_intermediates else losses
 
     @staticmethod
@@ -339,8 +307,17 @@ class SIMLA(MomentumMixin, nn.Module):
         return torch.gather(ids, 1, positions)
 
 
-def build_for_manifest(config: Mapping[str, Any], vocab_size: int) -> SIMLA:
+SIMLA = SIMLAPretrain
+
+
+def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: SIMLAPretrain, own: bool = False) -> FilteredState:
+    """A pretraining checkpoint (to resume, or to start from) loads as it is, every key matching."""
+    del model, own
+    return FilteredState(dict(state_dict), "a pretraining checkpoint", strict=True)
+
+
+def build_for_manifest(config: Mapping[str, Any], vocab_size: int) -> SIMLAPretrain:
     """The model as the original builds it for a state-dict manifest (no pretrained weights)."""
     tokenizer = SimpleNamespace(vocab_size=vocab_size, cls_token_id=CLS_ID, pad_token_id=PAD_ID,
                                 mask_token_id=MASK_ID)
-    return SIMLA(tokenizer=tokenizer, config=dict(config, from_scratch=True))
+    return SIMLAPretrain(tokenizer=tokenizer, config=dict(config, from_scratch=True))

@@ -9,9 +9,7 @@ probability 1/2); otherwise both are similar images. "Similar" means drawn from
 ``vision_proj`` is only used without gradient and ``text_proj`` and ``temp`` are never used; they
 exist because the original model has them (their keys are in its checkpoints).
 
-Config keys read: ``image_res``, ``vision_width``, ``embed_dim``, ``bert_config``; optional
-``vit_mask_token`` (True), ``vision_depth``/``vision_heads``/``patch_size``, ``from_scratch``,
-``nlvr_num_layers`` (18), ``nlvr_split_layer`` (6).
+Config keys: the ``nlvr_pretrain`` task's in :mod:`configs.schema`, whose defaults fill the absent ones.
 """
 
 from __future__ import annotations
@@ -24,8 +22,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from configs.schema import with_defaults
 from models.bert import pretrained_source
-from models.simla.nlvr import build_nlvr_text_encoder
+from models.simla.checkpoint_keys import PRETRAINING_ONLY_KEYS, FilteredState, without_bert
+from models.simla.nlvr import build_nlvr_text_encoder, nlvr_layout
 from models.vit import vit_from_config
 
 PAIRING_TEMPERATURE = 0.07  # a constant in the original, not the ``temp`` parameter
@@ -74,7 +74,7 @@ def pair_images(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
                  for values in (slot0, slot1, labels))
 
 
-class SIMLA(nn.Module):
+class SIMLANLVRPretrain(nn.Module):
     """NLVR text-assignment pretraining model: ``forward(image, text)`` returns the loss."""
 
     def __init__(self, text_encoder: str | None = None, tokenizer: Any = None,
@@ -82,11 +82,13 @@ class SIMLA(nn.Module):
         super().__init__()
         if config is None:
             raise ValueError("the NLVR pretraining model needs a config")
+        config = with_defaults(config, "nlvr_pretrain")
         self.tokenizer = tokenizer
         pretrained = pretrained_source(config, text_encoder)
         vision_width = int(config["vision_width"])
         embed_dim = int(config["embed_dim"])
 
+        self.layout = nlvr_layout(config)  # (num_layers, split_layer) of the text encoder
         self.visual_encoder = vit_from_config(config)
         self.text_encoder = build_nlvr_text_encoder(config, pretrained)
         text_width = self.text_encoder.config.hidden_size
@@ -125,6 +127,9 @@ class SIMLA(nn.Module):
         return loss
 
 
+SIMLA = SIMLANLVRPretrain
+
+
 _TEXT_LAYER = re.compile(r"^(?P<prefix>.*?encoder\.layer\.)(?P<index>\d+)(?P<rest>\..*)$")
 
 
@@ -132,7 +137,7 @@ def pretrain_to_nlvr_state_dict(state_dict: Mapping[str, torch.Tensor], num_laye
                                 split_layer: int = 6) -> dict[str, torch.Tensor]:
     """Map a pretraining checkpoint onto the two-image model, as ``Pretrain_NLVR.py`` does.
 
-    Every key containing ``bert`` loses each ``bert.``; text-encoder layers below ``split_layer``
+    Every key loses each ``bert.``; of the renamed keys, text-encoder layers below ``split_layer``
     keep their index and layer ``L >= split_layer`` is copied to layers ``2(L - split) + split`` and
     ``2(L - split) + split + 1`` (6 -> 6,7; 7 -> 8,9; ...; 11 -> 16,17 for the original). Other
     keys are kept unchanged (the caller loads non-strictly, so the pretraining heads and momentum
@@ -142,10 +147,10 @@ def pretrain_to_nlvr_state_dict(state_dict: Mapping[str, torch.Tensor], num_laye
     mapped: dict[str, torch.Tensor] = {}
     source_depth = 0
     for key, value in state_dict.items():
-        if "bert" not in key:
+        new_key = without_bert(key)
+        if new_key == key:
             mapped[key] = value
             continue
-        new_key = key.replace("bert.", "")
         match = _TEXT_LAYER.match(new_key) if "layer" in new_key else None
         if match is None:
             mapped[new_key] = value
@@ -167,7 +172,17 @@ def pretrain_to_nlvr_state_dict(state_dict: Mapping[str, torch.Tensor], num_laye
     return mapped
 
 
-def build_for_manifest(config: Mapping[str, Any], vocab_size: int) -> SIMLA:
+def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: SIMLANLVRPretrain, own: bool = False) -> FilteredState:
+    """``own`` (``--resume``): a checkpoint of this model, every key matching. Otherwise a pretraining
+    checkpoint with the layer duplication of :func:`pretrain_to_nlvr_state_dict`: only the assignment head
+    and the token-type embeddings may be missing, only pretraining-only entries extra."""
+    if own:
+        return FilteredState(dict(state_dict), "a Pretrain_NLVR.py checkpoint", strict=True)
+    return FilteredState(pretrain_to_nlvr_state_dict(state_dict, *model.layout), "a pretraining checkpoint",
+                         missing=PRETRAIN_CHECKPOINT_MISSING, unexpected=PRETRAINING_ONLY_KEYS)
+
+
+def build_for_manifest(config: Mapping[str, Any], vocab_size: int) -> SIMLANLVRPretrain:
     """The model as the original builds it for a state-dict manifest (no pretrained weights)."""
     del vocab_size  # the BERT config fixes the vocabulary
-    return SIMLA(config=dict(config, from_scratch=True))
+    return SIMLANLVRPretrain(config=dict(config, from_scratch=True))

@@ -5,10 +5,7 @@ separate ``decoder_depth``-layer causal BERT (``text_decoder``, 6 layers in the 
 the answer while cross-attending to the fused question states. Training minimises the weighted
 answer likelihood; evaluation ranks a fixed answer list (``rank_answer``).
 
-Config keys read: ``distill``, ``image_res``, ``bert_config``; optional ``vit_mask_token`` (True),
-``vision_width``/``vision_depth``/``vision_heads``/``patch_size`` (ViT-B/16), ``from_scratch`` (False),
-``decoder_depth`` (6), ``vqa_distill_alpha`` (False), ``distill_softmax_dim`` (1),
-``grad_checkpointing`` (False).
+Config keys: the ``vqa`` task's in :mod:`configs.schema`, whose defaults fill the absent ones.
 
 ``vqa_distill_alpha``: the original SIMLA code calls the answer decoder with the momentum soft labels
 but without ``alpha``, so the distillation term is multiplied by 0 and the loss is the plain weighted
@@ -28,12 +25,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from configs.schema import with_defaults
 from models.bert import BertLMHeadModel, BertModel, build_bert, load_bert_config, pretrained_source
-from models.simla.momentum import MomentumMixin
+from models.simla.checkpoint_keys import PRETRAINING_ONLY_KEYS, FilteredState, without_bert
+from models.simla.momentum import FINE_TUNING_MOMENTUM, MomentumMixin
 from models.vit import vit_from_config
 
 PAD_ID = 0
-MOMENTUM = 0.995  # hard-coded in the original VQA model
 DEFAULT_DECODER_DEPTH = 6
 
 #: ``VQA.py`` training from a pretraining checkpoint: model entries the checkpoint may lack (glob
@@ -42,23 +40,24 @@ DEFAULT_DECODER_DEPTH = 6
 PRETRAIN_CHECKPOINT_MISSING: tuple[str, ...] = ()
 
 
-class SIMLA(MomentumMixin, nn.Module):
+class SIMLAVQA(MomentumMixin, nn.Module):
     def __init__(self, text_encoder: str | None = None, text_decoder: str | None = None, tokenizer: Any = None,
                  config: Mapping[str, Any] | None = None) -> None:
         super().__init__()
         if config is None:
             raise ValueError("SIMLA VQA model needs a config")
+        config = with_defaults(config, "vqa")
         self.tokenizer = tokenizer
         self.pad_token_id = int(getattr(tokenizer, "pad_token_id", PAD_ID) if tokenizer is not None else PAD_ID)
         self.distill = bool(config["distill"])
-        self.distill_alpha = bool(config.get("vqa_distill_alpha", False))
+        self.distill_alpha = bool(config["vqa_distill_alpha"])
 
         encoder_config = load_bert_config(config["bert_config"])
-        self.decoder_depth = int(config.get("decoder_depth", DEFAULT_DECODER_DEPTH))
+        self.decoder_depth = int(config["decoder_depth"])
         if self.decoder_depth < 1:
             raise ValueError(f"config key 'decoder_depth' must be at least 1, got {self.decoder_depth}")
         decoder_config = load_bert_config(config["bert_config"], num_hidden_layers=self.decoder_depth)
-        distill_dim = int(config.get("distill_softmax_dim", 1))
+        distill_dim = int(config["distill_softmax_dim"])
 
         self.visual_encoder = vit_from_config(config)
         self.text_encoder = build_bert(BertModel, encoder_config, pretrained_source(config, text_encoder))
@@ -74,8 +73,8 @@ class SIMLA(MomentumMixin, nn.Module):
                 [self.visual_encoder, self.visual_encoder_m],
                 [self.text_encoder, self.text_encoder_m],
                 [self.text_decoder, self.text_decoder_m],
-            ], MOMENTUM)
-        if config.get("grad_checkpointing", False):
+            ], FINE_TUNING_MOMENTUM)
+        if config["grad_checkpointing"]:
             self.visual_encoder.set_grad_checkpointing(True)
             self.text_encoder.set_grad_checkpointing(True)
             self.text_decoder.set_grad_checkpointing(True)
@@ -172,6 +171,9 @@ class SIMLA(MomentumMixin, nn.Module):
         return torch.gather(topk_ids, 1, order), probs
 
 
+SIMLA = SIMLAVQA
+
+
 # -------------------------------------------------------------------------------------------------
 # loading a pretraining checkpoint
 
@@ -212,7 +214,7 @@ def pretrain_key_sources(keys: Iterable[str], decoder_depth: int = DEFAULT_DECOD
         prefix, rest = key.split(".", 1)
         decoder = prefix.replace("text_encoder", "text_decoder")
         if rest.startswith("bert."):
-            sources[f"{prefix}.{rest[len('bert.'):]}"] = key
+            sources[without_bert(key)] = key
         match = _ENCODER_LAYER.match(key)
         if match:
             first = depth_by_prefix[prefix] - decoder_depth
@@ -237,7 +239,18 @@ def map_pretrain_checkpoint(state_dict: Mapping[str, torch.Tensor],
     return mapped
 
 
-def build_for_manifest(config: Mapping[str, Any], vocab_size: int) -> SIMLA:
+def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: SIMLAVQA, own: bool = False) -> FilteredState:
+    """``own`` (``--evaluate``, ``--resume``): a VQA checkpoint, loaded as it is. Otherwise a pretraining
+    checkpoint renamed onto the encoder and decoder (:func:`map_pretrain_checkpoint`); its
+    pretraining-only entries are ignored."""
+    if own:
+        return FilteredState(dict(state_dict), "a VQA.py checkpoint")
+    return FilteredState(map_pretrain_checkpoint(state_dict, model.decoder_depth),
+                         "a pretraining (or VQA.py) checkpoint", missing=PRETRAIN_CHECKPOINT_MISSING,
+                         unexpected=PRETRAINING_ONLY_KEYS)
+
+
+def build_for_manifest(config: Mapping[str, Any], vocab_size: int) -> SIMLAVQA:
     """The model as the original builds it for a state-dict manifest (no pretrained weights)."""
     tokenizer = SimpleNamespace(vocab_size=vocab_size, pad_token_id=PAD_ID)
-    return SIMLA(tokenizer=tokenizer, config=dict(config, from_scratch=True))
+    return SIMLAVQA(tokenizer=tokenizer, config=dict(config, from_scratch=True))

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
 DEMO_VOCAB = str(REPO / "configs" / "demo_vocab.txt")
 LOST = "lost"
@@ -123,7 +123,7 @@ def script_env() -> dict[str, str]:
 
 def demo_data(folder: Path, num_train: int = 6, num_test: int = 6) -> dict[str, str]:
     """Generate (or reuse) a small demo dataset of 64-pixel images in ``folder``."""
-    from dataset.demo import generate_demo_data
+    from demo.data import generate_demo_data
 
     return generate_demo_data(folder, num_train_images=num_train, num_test_images=num_test, image_size=64)
 

@@ -1,6 +1,6 @@
 """Run the README's demo chain and print what each task demo reached, as the README's table.
 
-    python -m tools.task_demos [--out_dir output] [--rows retrieval vqa ...] [--threads 1] [--json table.json]
+    python -m demo.task_demos [--out_dir output] [--rows retrieval vqa ...] [--threads 1] [--json table.json]
 
 Generates ``demo_data/`` when it is missing, runs the demo pretraining and the fine-tuning commands of
 the README's "Task demos" and, for the "untrained" column, each script with ``--evaluate`` and no
@@ -285,7 +285,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--json", default="", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
 
-    from dataset.demo import generate_demo_data
+    from demo.data import generate_demo_data
 
     out_dir = Path(args.out_dir).resolve()
     if out_dir.is_relative_to(REPO_ROOT):  # the scripts run in the repository, as the README's commands

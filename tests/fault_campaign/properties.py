@@ -1,7 +1,7 @@
 """Property checks of caption/question normalisation, the WordPiece tokenizer and the config override parser.
 
 Each :class:`Property` pairs Hypothesis strategies with a check function that raises ``AssertionError``
-when the property does not hold. The fault campaign (:mod:`tools.fault_campaign`) runs them with many
+when the property does not hold. The fault campaign (:mod:`tests.fault_campaign`) runs them with many
 examples; ``tests/test_properties.py`` runs the same checks with a few examples each.
 """
 
@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from configs.loader import ConfigError, apply_overrides, load_config, save_config
 from dataset.text import pre_caption, pre_question
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEMO_VOCAB = REPO / "configs" / "demo_vocab.txt"
 
 # characters the normalisation treats specially, mixed into arbitrary unicode so that they occur often

@@ -10,8 +10,7 @@ A training checkpoint keeps the original keys (``model``, ``optimizer``, ``lr_sc
 * ``scaler`` (fp16 runs) and whatever the task adds (best score so far, ...).
 
 Saving is collective (every process hands its generator states to rank 0) and refuses to write
-weights that are not finite. Files written by :func:`utils.save_checkpoint` are replaced atomically
-and verified before they take the place of the previous file.
+weights that are not finite; files are replaced atomically and verified (:func:`save_checkpoint`).
 """
 
 from __future__ import annotations
@@ -28,8 +27,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from engine.checkpoint.io import save_checkpoint
 from scheduler import epoch_end_step
-from utils import get_rank, get_world_size, is_dist_avail_and_initialized, is_main_process, save_checkpoint
+from utils import get_rank, get_world_size, is_dist_avail_and_initialized, is_main_process
 
 LAST_CHECKPOINT = "checkpoint_last.pth"
 

@@ -5,7 +5,7 @@ Planted checkpoints hold pickled objects that run code when unpickled (``__reduc
 and hand-written INST / OBJ opcodes), placed at the top level, in the model or optimizer state, in the
 config, in the scheduler state or deep inside a nested dict, saved in torch's zip format, its legacy
 format or as a plain pickle. The payload only creates a marker file. Every file is loaded through
-``utils.load_checkpoint`` and ``engine.checkpoint.read_checkpoint``, and a few through an entry script
+``engine.checkpoint.load_checkpoint`` and ``engine.checkpoint.read_checkpoint``, and a few through an entry script
 with ``--checkpoint``.
 
 Outcomes per load: ``refused, names global and flag`` (the message names one of the payload's globals
@@ -37,7 +37,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tools.campaign_common import LOST, PYTHON, REPO, CampaignReport, CaseResult, demo_data, script_env, short
+from tests.fault_campaign.common import (
+    LOST,
+    PYTHON,
+    REPO,
+    CampaignReport,
+    CaseResult,
+    demo_data,
+    script_env,
+    short,
+)
 
 REFUSED = "refused, names global and flag"
 REFUSED_VAGUE = "refused, message incomplete"
@@ -225,10 +234,9 @@ def _quiet() -> Iterator[None]:
 
 
 def _loaders() -> dict[str, Callable[[str], Any]]:
-    from engine.checkpoint import read_checkpoint
-    from utils import load_checkpoint
+    from engine.checkpoint import load_checkpoint, read_checkpoint
 
-    return {"utils.load_checkpoint": load_checkpoint, "engine.checkpoint.read_checkpoint": read_checkpoint}
+    return {"engine.checkpoint.load_checkpoint": load_checkpoint, "engine.checkpoint.read_checkpoint": read_checkpoint}
 
 
 def _wait_for_marker(marker: Path, seconds: float = 0.3) -> bool:

@@ -1,71 +1,33 @@
-"""Checkpoint files in the original format: ``{model, optimizer, lr_scheduler, config, epoch}``."""
+"""Loading a checkpoint into a task model, one pipeline for every script: read the file, map its ``model``
+state with the model's ``checkpoint_filter_fn``, resize the ViT position embeddings, check that what
+differs is what the filter declares, load, and print the report."""
 
 from __future__ import annotations
 
 import fnmatch
-import os
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from models.vit import interpolate_pos_embed
-from utils import load_checkpoint
+from engine.checkpoint.io import read_checkpoint
+from models.simla.checkpoint_keys import MASK_TOKEN_KEYS, FilteredState
+from models.vit import VisionTransformer, interpolate_pos_embed
 
-StateDictMapping = Callable[[dict[str, torch.Tensor], torch.nn.Module], dict[str, torch.Tensor]]
-
-
-def read_checkpoint(path: str, trust: bool = False) -> dict[str, Any]:
-    """Load a checkpoint file safely and check that it holds a ``model`` state_dict."""
-    print(f"load checkpoint from {path}")
-    checkpoint = load_checkpoint(path, trust=trust)
-    if not isinstance(checkpoint, dict):
-        raise ValueError(f"{path}: expected a checkpoint dict, found a {type(checkpoint).__name__}")
-    if "model" not in checkpoint:
-        # a bare state_dict is accepted as well
-        if all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
-            return {"model": checkpoint}
-        raise KeyError(f"{path}: no 'model' entry (keys: {sorted(checkpoint)[:10]})")
-    return checkpoint
-
-
-def interpolate_pos_embeds(state_dict: dict[str, torch.Tensor], model: torch.nn.Module,
-                           names: tuple[str, ...] = ("visual_encoder", "visual_encoder_m")) -> None:
-    """Resize the checkpoint's ViT position embeddings to the model's patch grid, in place."""
-    for name in names:
-        key = f"{name}.pos_embed"
-        encoder = getattr(model, name, None)
-        if key in state_dict and encoder is not None:
-            state_dict[key] = interpolate_pos_embed(state_dict[key], encoder)
-
-
-#: ViT entries only masked-image pretraining uses. Whether a checkpoint holds them depends on the
-#: ``vit_mask_token`` setting of the model that wrote it, so every fine-tuning load lets them be missing
-#: or unexpected.
-MASK_TOKEN_KEYS: tuple[str, ...] = ("visual_encoder.mask_token", "visual_encoder_m.mask_token")
-
-#: Entries of a SIMLA pretraining checkpoint that fine-tuning models do not build (glob patterns): the
-#: ITM, MIM and concept heads, the contrastive projections, temperature and feature queues, and the
-#: masked-LM heads of the text encoders. A model that has one of them loads it; the others are ignored.
-PRETRAINING_ONLY_KEYS: tuple[str, ...] = (
-    "itm_head.*", "mim_head.*", "mim_head_m.*", "concept_head.*", "concept_head_m.*",
-    "vision_proj.*", "vision_proj_m.*", "text_proj.*", "text_proj_m.*", "temp",
-    "image_queue", "text_queue", "queue_ptr",
-    "text_encoder.cls.*", "text_encoder_m.cls.*",
-)
+#: ``checkpoint_filter_fn(state_dict, model, own)`` of a model module; ``own`` means the checkpoint was
+#: written by the task itself (``--evaluate``, ``--resume``) rather than by the model it starts from.
+CheckpointFilter = Callable[[dict[str, Any], torch.nn.Module, bool], FilteredState]
 
 
 @dataclass(frozen=True)
 class CheckpointFit:
     """The differences between a checkpoint and the model that ``script`` accepts when loading it.
 
-    ``missing`` matches model keys the checkpoint may lack (modules the task adds, left as built);
-    ``unexpected`` matches checkpoint keys the model may have no place for (modules of the source
-    model the task drops). Both are glob patterns over state_dict keys (``*`` also spans dots).
-    ``source`` names the checkpoint the script expects, for the error message. Any other missing or
-    unexpected key, and any shape mismatch, means the checkpoint belongs to another model.
+    ``missing`` matches model keys the checkpoint may lack, ``unexpected`` checkpoint keys the model may
+    have no place for (glob patterns, ``*`` also spans dots); ``source`` names the checkpoint the script
+    expects, for the error message. Any other difference, and any shape mismatch, is refused.
     """
 
     script: str
@@ -81,6 +43,22 @@ class KeyDifferences:
     missing: list[str]
     unexpected: list[str]
     wrong_shape: list[str]
+
+
+@dataclass
+class CheckpointLoad:
+    """What loading did: model keys left missing, checkpoint keys the model has no place for, renamed keys
+    ``{new: old}`` (filters that map keys) and entries the filter dropped before loading."""
+
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+    renamed: dict[str, str] | None = None
+    dropped_keys: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        if self.renamed is None and not self.missing_keys and not self.unexpected_keys:
+            return "<All keys matched successfully>"  # as torch reports a load without key mapping
+        return f"_IncompatibleKeys(missing_keys={self.missing_keys}, unexpected_keys={self.unexpected_keys})"
 
 
 def _matcher(patterns: Sequence[str]) -> Callable[[str], bool]:
@@ -166,14 +144,49 @@ def load_model_state(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]
         raise ValueError(describe_mismatch(model, state_dict, path)) from None
 
 
-def load_fitting_state(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], path: str,
-                       fit: CheckpointFit):
-    """Check ``state_dict`` against ``fit`` (:func:`check_checkpoint_fit`), then load every key it
-    shares with ``model``; the other model entries keep their values. Returns ``load_state_dict``'s
-    report of the (accepted) missing and unexpected keys."""
-    check_checkpoint_fit(model, state_dict, path, fit)
-    return model.load_state_dict(state_dict, strict=False)
+def resize_pos_embeds(state_dict: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Resize the position embeddings of every ViT of ``model`` in the state to its patch grid, in place."""
+    for name, module in model.named_children():
+        key = f"{name}.pos_embed"
+        if key in state_dict and isinstance(module, VisionTransformer):
+            state_dict[key] = interpolate_pos_embed(state_dict[key], module)
+    return state_dict
 
 
-def checkpoint_path(output_dir: str, epoch: int) -> str:
-    return os.path.join(output_dir, f"checkpoint_{epoch:02d}.pth")
+def prepare_state(state_dict: Mapping[str, Any], model: torch.nn.Module, checkpoint_filter: CheckpointFilter,
+                  own: bool = False) -> FilteredState:
+    """The filtered state, position embeddings resized, and what the filter declares about it."""
+    filtered = checkpoint_filter(dict(state_dict), model, own)
+    resize_pos_embeds(filtered.state_dict, model)
+    return filtered
+
+
+def load_filtered_state(model: torch.nn.Module, filtered: FilteredState, path: str, script: str) -> CheckpointLoad:
+    """Load a filtered state: strictly, or after :func:`check_checkpoint_fit` against what the filter
+    declares; prints the report and a warning for model entries left as built that it did not declare."""
+    if filtered.strict:
+        result = load_model_state(model, filtered.state_dict, path, strict=True)
+    else:
+        fit = CheckpointFit(script, filtered.source, filtered.missing, filtered.unexpected)
+        check_checkpoint_fit(model, filtered.state_dict, path, fit)
+        result = model.load_state_dict(filtered.state_dict, strict=False)
+    if filtered.after_load is not None:
+        filtered.after_load()
+    report = CheckpointLoad(list(result.missing_keys), list(result.unexpected_keys), filtered.renamed,
+                            list(filtered.dropped))
+    print(report)
+    declared = _matcher(filtered.missing)
+    undeclared = [k for k in report.missing_keys if not declared(k)]
+    if undeclared:
+        print(f"warning: {len(undeclared)} model entries are not in {path} and keep their initial values "
+              f"(e.g. {', '.join(undeclared[:10])})")
+    return report
+
+
+def load_checkpoint_into(model: torch.nn.Module, path: str, checkpoint_filter: CheckpointFilter, script: str,
+                         own: bool = False, trust: bool = False) -> tuple[dict[str, Any], CheckpointLoad]:
+    """Load ``path`` into ``model`` the way ``script`` does; returns the checkpoint (for resuming) and the
+    report. A checkpoint that differs from the model otherwise than the filter declares is refused."""
+    checkpoint = read_checkpoint(path, trust=trust)
+    filtered = prepare_state(checkpoint["model"], model, checkpoint_filter, own)
+    return checkpoint, load_filtered_state(model, filtered, path, script)

@@ -1,22 +1,22 @@
 """Fault campaign: feed the product bad inputs, malicious checkpoints, kills and random text, and count losses.
 
-    python -m tools.fault_campaign --kills 20 --bad_inputs 200 --checkpoints 20 --properties 500 \\
+    python -m tests.fault_campaign --kills 20 --bad_inputs 200 --checkpoints 20 --properties 500 \\
         --seed 0 --work_dir /tmp/campaign --json campaign.json
 
-(``python tools/fault_campaign.py`` works too.) A size of 0 skips that sub-campaign. Each sub-campaign
+A size of 0 skips that sub-campaign. Each sub-campaign
 prints a table: cases tried, the count of each outcome, and the cases lost, i.e. where the product
 crashed without a clear error, ran planted code, lost data or silently produced wrong output. The exit
 status is 1 when anything was lost.
 
 Sub-campaigns (see their modules):
 
-* bad inputs (:mod:`tools.campaign_inputs`): broken, unusual and oversized images and malformed
+* bad inputs (:mod:`tests.fault_campaign.inputs`): broken, unusual and oversized images and malformed
   annotation files through every task's datasets and collate;
-* checkpoints (:mod:`tools.campaign_checkpoints`): pickles that run code on load, through the loaders and
+* checkpoints (:mod:`tests.fault_campaign.checkpoints`): pickles that run code on load, through the loaders and
   a few entry scripts, and truncated checkpoint files;
-* kills (:mod:`tools.campaign_kills`): SIGKILL a short pretraining run at random moments and resume it;
+* kills (:mod:`tests.fault_campaign.kills`): SIGKILL a short pretraining run at random moments and resume it;
   the final model must be bitwise the uninterrupted one;
-* properties (:mod:`tools.properties`): Hypothesis properties of caption/question normalisation, the
+* properties (:mod:`tests.fault_campaign.properties`): Hypothesis properties of caption/question normalisation, the
   tokenizer and the config override parser.
 """
 
@@ -25,24 +25,20 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # run as a file: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from tools.campaign_common import LOST, CampaignReport, CaseResult, format_table, render_report  # noqa: E402
+from tests.fault_campaign.common import LOST, CampaignReport, CaseResult, format_table, render_report
 
 HELD = "held"
 
 
 def run_property_campaign(examples: int, seed: int) -> CampaignReport:
     """Run every property with ``examples`` Hypothesis examples; a failing property is lost."""
-    from tools.properties import PROPERTIES, run_property
+    from tests.fault_campaign.properties import PROPERTIES, run_property
 
     report = CampaignReport("properties")
     start = time.monotonic()
@@ -98,18 +94,18 @@ def run_campaigns(args: argparse.Namespace, work_dir: Path,
         log(f"properties: {args.properties} examples each")
         finish(run_property_campaign(args.properties, args.seed))
     if args.bad_inputs > 0:
-        from tools.campaign_inputs import run_bad_inputs
+        from tests.fault_campaign.inputs import run_bad_inputs
 
         log(f"bad inputs: {args.bad_inputs} cases")
         finish(run_bad_inputs(args.bad_inputs, args.seed, work_dir / "bad_inputs", args.case_timeout, log))
     if args.checkpoints > 0:
-        from tools.campaign_checkpoints import run_checkpoints
+        from tests.fault_campaign.checkpoints import run_checkpoints
 
         log(f"checkpoints: {args.checkpoints} planted files")
         finish(run_checkpoints(args.checkpoints, args.seed, work_dir, args.truncated_checkpoints,
                                args.script_runs, log))
     if args.kills > 0:
-        from tools.campaign_kills import KillSettings, run_kills
+        from tests.fault_campaign.kills import KillSettings, run_kills
 
         log(f"kills: {args.kills} kills (budget {args.kill_budget:.0f} s)")
         settings = KillSettings(epochs=args.kill_epochs, images=args.kill_images)
@@ -151,7 +147,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
         Path(args.json).write_text(json.dumps(document, indent=2, default=str) + "\n", encoding="utf-8")
     return 1 if lost else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

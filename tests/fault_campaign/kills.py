@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tools.campaign_checkpoints import demo_script_command
-from tools.campaign_common import LOST, REPO, CampaignReport, CaseResult, demo_data, script_env, short
+from tests.fault_campaign.checkpoints import demo_script_command
+from tests.fault_campaign.common import LOST, REPO, CampaignReport, CaseResult, demo_data, script_env, short
 
 FINGERPRINT = re.compile(r"^Model state fingerprint: ([0-9a-f]{64})", re.MULTILINE)
 STEPS_PER_EPOCH = re.compile(r"^Train Epoch: \[\d+\]\s+\[\s*\d+/(\d+)\]", re.MULTILINE)
@@ -106,12 +106,12 @@ class KillSettings:
 
 
 def product_code_hash() -> str:
-    """A digest of the product's Python files and configs (not tools/, tests/ or benchmarks/), to notice
+    """A digest of the product's Python files and configs (not tests/ or benchmarks/), to notice
     when the code under test changes while the campaign runs."""
     digest = hashlib.sha256()
     for path in sorted([*REPO.rglob("*.py"), *(REPO / "configs").glob("*")]):
         relative = path.relative_to(REPO)
-        if relative.parts[0] in ("tools", "tests", "benchmarks", "output", "demo_data", ".venv") or \
+        if relative.parts[0] in ("tests", "benchmarks", "output", "demo_data", ".venv") or \
                 "__pycache__" in relative.parts or not path.is_file():
             continue
         digest.update(str(relative).encode() + b"\0" + path.read_bytes() + b"\0")
@@ -166,7 +166,7 @@ def newest_checkpoint(output_dir: Path) -> Path | None:
 
 def optimizer_steps(path: Path) -> int:
     """Optimizer steps taken before ``path`` was written (AdamW's per-parameter ``step``)."""
-    from utils import load_checkpoint
+    from engine.checkpoint import load_checkpoint
 
     state = load_checkpoint(str(path)).get("optimizer", {}).get("state", {})
     steps = [int(entry["step"]) for entry in state.values() if "step" in entry]

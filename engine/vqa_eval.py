@@ -15,9 +15,18 @@ normalised, which gives the same score on official annotations and a sensible on
 
 from __future__ import annotations
 
+import json
+import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
+
+import torch
+
+from dataset.vqa import VQADataset
+from engine.metrics import MetricLogger, append_log
+from models.precision import autocast
+from utils import barrier, get_rank, get_world_size, is_main_process
 
 # characters removed when they touch a space (or the text has a digit,digit comma), else made spaces
 _PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",",
@@ -127,3 +136,69 @@ def merge_rank_results(per_rank: Sequence[Sequence[Mapping[str, Any]]], key: str
                 seen.add(entry[key])
                 merged.append(dict(entry))
     return merged
+
+
+# --- answering the test split ------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluation(model: torch.nn.Module, loader: torch.utils.data.DataLoader, tokenizer: Any, device: torch.device,
+               config: dict, amp: str = "none") -> list[dict[str, Any]]:
+    """Answer this process's share of the test questions: the top re-ranked answer of each."""
+    model.eval()
+    logger = MetricLogger(delimiter="  ")
+    answer_list = loader.dataset.answer_list
+    answer_input = tokenizer([answer + config["eos"] for answer in answer_list], padding="longest",
+                             return_tensors="pt").to(device)
+    k_test = int(config["k_test"])
+    result = []
+    for image, question, question_id in logger.log_every(loader, 50, "Generate VQA test result:"):
+        image = image.to(device, non_blocking=True)
+        question_input = tokenizer(list(question), padding="longest", return_tensors="pt").to(device)
+        with autocast(device, amp):
+            topk_ids, topk_probs = model(image, question_input, answer_input, train=False, k=k_test)
+        for qid, ids, probs in zip(question_id, topk_ids, topk_probs):
+            result.append({"question_id": int(qid), "answer": answer_list[int(ids[int(probs.argmax())])]})
+    return result
+
+
+def save_result(result: list[dict[str, Any]], result_dir: str, filename: str,
+                question_ids: Sequence[int] | None = None) -> tuple[str, list[dict[str, Any]] | None]:
+    """Write this process's ``<filename>_rank<r>.json``; the main process then writes the merged
+    ``<filename>.json`` with every question once and checks it against ``question_ids``.
+    Returns the merged file's path and (main process) the merged list."""
+    with open(os.path.join(result_dir, f"{filename}_rank{get_rank()}.json"), "w", encoding="utf-8") as handle:
+        json.dump(result, handle)
+    barrier()
+    final_file = os.path.join(result_dir, f"{filename}.json")
+    merged = None
+    if is_main_process():
+        per_rank = []
+        for rank in range(get_world_size()):
+            with open(os.path.join(result_dir, f"{filename}_rank{rank}.json"), encoding="utf-8") as handle:
+                per_rank.append(json.load(handle))
+        merged = merge_rank_results(per_rank, key="question_id")
+        if question_ids is not None:
+            answered = {entry["question_id"] for entry in merged}
+            missing = [qid for qid in question_ids if qid not in answered]
+            extra = sorted(answered - set(question_ids))
+            if missing or extra:
+                raise RuntimeError(f"{final_file}: {len(missing)} test questions unanswered (e.g. {missing[:10]}) "
+                                   f"and {len(extra)} unknown question ids (e.g. {extra[:10]})")
+        tmp = final_file + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as handle:
+            json.dump(merged, handle)
+        os.replace(tmp, final_file)
+        print(f"result file saved to {final_file}")
+    barrier()
+    return final_file, merged
+
+
+def report_accuracy(merged: list[dict[str, Any]], test_dataset: VQADataset, output_dir: str, epoch: int) -> None:
+    """Print and log the VQA accuracy when the test annotations carry annotator answers."""
+    if not test_dataset.answers_by_question_id:
+        return
+    scores = vqa_accuracy(merged, test_dataset.answers_by_question_id)
+    print(f"VQA accuracy: {scores['accuracy']:.2f} ({scores['num_questions']} questions with answers)")
+    append_log(output_dir, {"test_vqa_accuracy": scores["accuracy"],
+                            "test_vqa_questions": scores["num_questions"], "epoch": epoch})

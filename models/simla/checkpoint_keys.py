@@ -1,0 +1,64 @@
+"""What the task models' checkpoint filters share: the key families of a pretraining checkpoint, the
+``bert.`` rename, and the result a filter returns (``checkpoint_filter_fn`` next to each model class)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+V = TypeVar("V")
+
+#: ViT entries only masked-image pretraining uses. Whether a checkpoint holds them depends on the
+#: ``vit_mask_token`` setting of the model that wrote it, so every load lets them be missing or unexpected.
+MASK_TOKEN_KEYS: tuple[str, ...] = ("visual_encoder.mask_token", "visual_encoder_m.mask_token")
+
+#: Entries of a SIMLA pretraining checkpoint that fine-tuning models do not build (glob patterns): the
+#: ITM, MIM and concept heads, the contrastive projections, temperature and feature queues, and the
+#: masked-LM heads of the text encoders. A model that has one of them loads it; the others are ignored.
+PRETRAINING_ONLY_KEYS: tuple[str, ...] = (
+    "itm_head.*", "mim_head.*", "mim_head_m.*", "concept_head.*", "concept_head_m.*",
+    "vision_proj.*", "vision_proj_m.*", "text_proj.*", "text_proj_m.*", "temp",
+    "image_queue", "text_queue", "queue_ptr",
+    "text_encoder.cls.*", "text_encoder_m.cls.*",
+)
+
+
+def without_bert(key: str) -> str:
+    """``text_encoder.bert.X`` -> ``text_encoder.X``: the key with every ``bert.`` removed."""
+    return key.replace("bert.", "")
+
+
+def strip_bert_prefix(state_dict: Mapping[str, V]) -> dict[str, V]:
+    """Every key loses each ``bert.`` (the pretraining text layout onto the fine-tuning one); two keys
+    that would get one name raise ``ValueError``."""
+    out: dict[str, V] = {}
+    first: dict[str, str] = {}
+    for key, value in state_dict.items():
+        new_key = without_bert(key)
+        if new_key in out:
+            raise ValueError(f"checkpoint keys {first[new_key]!r} and {key!r} both map to {new_key!r}")
+        first[new_key] = key
+        out[new_key] = value
+    return out
+
+
+@dataclass
+class FilteredState:
+    """A checkpoint's ``model`` state mapped onto a model, and how it may differ from the model.
+
+    ``missing`` matches model keys the state may lack (modules the task adds, left as built) and
+    ``unexpected`` state keys the model may have no place for; both are glob patterns (``*`` also spans
+    dots). ``source`` names the checkpoint the model expects, for messages. ``strict`` loads without
+    those allowances (every key must match). ``renamed`` (``{new: old}``) is set by filters that map
+    keys, ``dropped`` lists entries discarded before loading, ``after_load`` runs once the state is in.
+    """
+
+    state_dict: dict[str, Any]
+    source: str
+    missing: tuple[str, ...] = ()
+    unexpected: tuple[str, ...] = ()
+    strict: bool = False
+    renamed: dict[str, str] | None = None
+    dropped: list[str] = field(default_factory=list)
+    after_load: Callable[[], None] | None = None

@@ -1,0 +1,5 @@
+import sys
+
+from tests.fault_campaign.cli import main
+
+sys.exit(main())

@@ -1,1 +1,0 @@
-"""Command-line tools that exercise the product from the outside (fault campaigns, property checks)."""
