@@ -49,6 +49,9 @@ def base_parser(description: str, default_config: str, default_output_dir: str,
                         help="extra metric logging (off by default; wandb runs offline)")
     parser.add_argument("--dist_timeout", default=1800, type=float,
                         help="seconds a collective may wait for the other processes before the run fails")
+    parser.add_argument("--tf32", action="store_true",
+                        help="float32 matrix products on TF32 tensor cores (Ampere and newer GPUs), as the "
+                             "original's torch 1.9 did by default; off: full float32 products")
     parser.add_argument("--deterministic", action="store_true",
                         help="deterministic algorithms only (torch.use_deterministic_algorithms, cuDNN without "
                              "autotuning, the cuBLAS workspace setting): repeated runs with the same number "

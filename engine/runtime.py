@@ -59,6 +59,12 @@ def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
     return device
 
 
+def use_tf32(enabled: bool) -> None:
+    """``--tf32``: float32 matrix products may use TF32 on GPUs that have it (cuDNN convolutions already
+    do by PyTorch's default)."""
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+
+
 def use_deterministic_algorithms(enabled: bool) -> None:
     """``--deterministic``: only deterministic kernels (CPU and CUDA), cuDNN without autotuning, and the
     cuBLAS workspace size that deterministic CUDA matrix products need; otherwise cuDNN autotunes."""
@@ -111,6 +117,7 @@ def setup_run(args: argparse.Namespace, task: str, extra_config: dict[str, Any] 
     device = resolve_device(args.device, local_rank)
     seed_everything(args.seed + get_rank())
     use_deterministic_algorithms(bool(getattr(args, "deterministic", False)))
+    use_tf32(bool(getattr(args, "tf32", False)))
     return RunContext(args=args, config=config, device=device)
 
 

@@ -13,6 +13,7 @@ import torch
 
 from engine.checkpoint import load_checkpoint
 from engine.cli import base_parser
+from engine.runtime import use_tf32
 from models.bert import BertForMaskedLM, load_bert_config
 from tests.script_helpers import script_env
 from tests.test_pretrain_script import (
@@ -147,3 +148,16 @@ def test_help_shows_defaults():
     for shown in ("(default: 42)", "(default: out/)", "(default: c.yaml)", "(default: bert-base-uncased)",
                   "(default: 1800)", "(default: none)"):
         assert shown.replace(" ", "") in text, shown
+
+
+def test_tf32_flag_switches_float32_matrix_products():
+    assert base_parser("x", "c.yaml", "out").parse_args([]).tf32 is False
+    assert base_parser("x", "c.yaml", "out").parse_args(["--tf32"]).tf32 is True
+    before = torch.backends.cuda.matmul.allow_tf32
+    try:
+        use_tf32(True)
+        assert torch.backends.cuda.matmul.allow_tf32
+        use_tf32(False)
+        assert not torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
