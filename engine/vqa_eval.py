@@ -141,6 +141,11 @@ def merge_rank_results(per_rank: Sequence[Sequence[Mapping[str, Any]]], key: str
 # --- answering the test split ------------------------------------------------------------------------
 
 
+def tokenize_answers(tokenizer: Any, answer_list: Sequence[str], eos: str, device: torch.device) -> Any:
+    """The candidate answers as the decoder ranks them: each followed by ``eos``, padded to the longest."""
+    return tokenizer([answer + eos for answer in answer_list], padding="longest", return_tensors="pt").to(device)
+
+
 @torch.no_grad()
 def evaluation(model: torch.nn.Module, loader: torch.utils.data.DataLoader, tokenizer: Any, device: torch.device,
                config: dict, amp: str = "none") -> list[dict[str, Any]]:
@@ -148,8 +153,7 @@ def evaluation(model: torch.nn.Module, loader: torch.utils.data.DataLoader, toke
     model.eval()
     logger = MetricLogger(delimiter="  ")
     answer_list = loader.dataset.answer_list
-    answer_input = tokenizer([answer + config["eos"] for answer in answer_list], padding="longest",
-                             return_tensors="pt").to(device)
+    answer_input = tokenize_answers(tokenizer, answer_list, config["eos"], device)
     k_test = int(config["k_test"])
     result = []
     for image, question, question_id in logger.log_every(loader, 50, "Generate VQA test result:"):
