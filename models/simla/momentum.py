@@ -94,13 +94,14 @@ class MomentumMixin:
         image_feats = concat_all_gather(image_feat)
         text_feats = concat_all_gather(text_feat)
         batch_size = image_feats.shape[0]
-        ptr = int(self.queue_ptr)
         if self.queue_size % batch_size != 0:
             raise ValueError(f"queue_size {self.queue_size} must be a multiple of the global batch size "
                              f"{batch_size} (batch size x number of processes)")
-        self.image_queue[:, ptr:ptr + batch_size] = image_feats.T.to(self.image_queue.dtype)
-        self.text_queue[:, ptr:ptr + batch_size] = text_feats.T.to(self.text_queue.dtype)
+        # the columns are computed on the device: reading the pointer would wait for the GPU every step
+        columns = (self.queue_ptr + torch.arange(batch_size, device=self.queue_ptr.device)) % self.queue_size
+        self.image_queue.index_copy_(1, columns, image_feats.T.to(self.image_queue.dtype))
+        self.text_queue.index_copy_(1, columns, text_feats.T.to(self.text_queue.dtype))
         if idx is not None:
             idxs = concat_all_gather(idx)
-            self.idx_queue[:, ptr:ptr + batch_size] = idxs.T
-        self.queue_ptr[0] = (ptr + batch_size) % self.queue_size
+            self.idx_queue.index_copy_(1, columns, idxs.T.to(self.idx_queue.dtype))
+        self.queue_ptr.copy_((self.queue_ptr + batch_size) % self.queue_size)
