@@ -1,13 +1,7 @@
-"""SIMLA weakly supervised visual grounding on RefCOCO+: fine-tune ITA + ITM on (image, referring
-expression) pairs, then rank the detector boxes of each test expression with a Grad-CAM map.
+"""SIMLA weakly supervised visual grounding on RefCOCO+: fine-tune ITA + ITM, rank boxes by Grad-CAM.
 
 python -m torch.distributed.launch --nproc_per_node=8 --use_env Grounding.py --config ./configs/Grounding.yaml \
     --output_dir output/RefCOCO --gradcam_mode itm --block_num 8 --checkpoint [pretrained checkpoint]
-(also torchrun, SLURM, or a plain single process on a CPU or GPU)
-
-Writes ``config.yaml``, ``result/epoch%d_rank%d.pth`` (the Grad-CAM map of every test expression of
-each process), one ``log.txt`` line per epoch with ``val_d``, ``testA_d``, ``testB_d`` and
-``checkpoint_best.pth`` (best ``val_d``, training runs only). ``--evaluate`` evaluates once.
 """
 
 from __future__ import annotations
@@ -55,8 +49,7 @@ def main(args: argparse.Namespace) -> None:
         checkpoint, _ = load_checkpoint_into(model, args.checkpoint, checkpoint_filter_fn, "Grounding.py",
                                              trust=args.trust_checkpoint)
     model = model.to(device)
-    # every parameter takes part in each step (momentum copies need no gradient), as the original's
-    # _set_static_graph() declares
+    # every parameter takes part in each step, as the original's _set_static_graph() declares
     model, model_without_ddp = wrap_ddp(model, ctx, static_graph=True)
 
     parts = training_parts(args, config, model, model_without_ddp, device, train_sampler, batch_size)

@@ -2,11 +2,8 @@
 
 python -m torch.distributed.launch --nproc_per_node=8 --use_env Pretrain_NLVR.py \
     --config ./configs/NLVR_pretrain.yaml --output_dir output/NLVR_pretrain --checkpoint [pretrained checkpoint]
-(also torchrun, SLURM, or a plain single process on a CPU or GPU)
 
-The checkpoint's text-encoder layers 0-5 keep their index and layers 6-11 are each copied into two
-consecutive layers (6-17) of the 18-layer NLVR encoder. Every epoch writes ``checkpoint_%02d.pth``,
-the starting point of ``NLVR.py``.
+Every epoch writes ``checkpoint_%02d.pth``, the starting point of ``NLVR.py``.
 """
 
 from __future__ import annotations
@@ -64,7 +61,6 @@ def main(args: argparse.Namespace) -> None:
                                              own=args.resume, trust=args.trust_checkpoint)
     point = resume_point(parts.checkpointer, checkpoint, args, len(loader))
     del checkpoint
-    # vision_proj, text_proj and temp get no gradient
     model, model_without_ddp = wrap_ddp(model, ctx, find_unused_parameters=True)
 
     step = make_step(model, tokenizer, device)
@@ -76,8 +72,7 @@ def main(args: argparse.Namespace) -> None:
 
 
 def get_parser() -> argparse.ArgumentParser:
-    # the original's default names configs/NLVR_pretrain.yaml; the file is NLVR_Pretrain.yaml, and the
-    # config loader matches file names case-insensitively, so both spellings work
+    # the config loader matches file names case-insensitively (NLVR_Pretrain.yaml)
     return base_parser("SIMLA NLVR text-assignment pretraining", "./configs/NLVR_pretrain.yaml",
                        "output/NLVR_pretrain")
 

@@ -2,11 +2,6 @@
 
 python -m torch.distributed.launch --nproc_per_node=8 --use_env Retrieval.py --config ./configs/Retrieval_flickr.yaml \
     --output_dir output/Retrieval_flickr --checkpoint [pretrained checkpoint]
-(also torchrun, SLURM, or a plain single process on a CPU or GPU)
-
-Writes ``config.yaml``, one ``log.txt`` line per epoch, ``checkpoint_best.pth`` (best test ``r_mean``,
-training runs only) and a final ``best epoch: N``. ``--evaluate`` evaluates the checkpoint once.
-``--resume true`` continues a run from its ``checkpoint_best.pth`` (optimizer, scheduler, next epoch).
 """
 
 from __future__ import annotations
@@ -87,7 +82,6 @@ def main(args: argparse.Namespace) -> None:
         return Evaluation(log={f"test_{k}": v for k, v in result.items()},
                           track={f"test/{k}": v for k, v in result.items()}, score=result["r_mean"])
 
-    # checkpoint_best.pth is written when the test r_mean improves
     plan = FitPlan(
         make_step=lambda epoch: make_step(model, tokenizer, config, device, epoch), loader=train_loader,
         settings=EpochSettings.for_run(args, LOSS_NAMES, meter_window=1, warmup_epochs=warmup_epochs,

@@ -2,12 +2,6 @@
 
 python -m torch.distributed.launch --nproc_per_node=8 --use_env VE.py --config ./configs/VE.yaml \
     --output_dir output/VE --checkpoint [pretrained checkpoint]
-python VE.py --config ./configs/VE.yaml --output_dir output/VE_eval --checkpoint output/VE/checkpoint_best.pth \
-    --evaluate
-(also torchrun, SLURM, or a plain single process on a CPU or GPU)
-
-Training evaluates the val and test splits after every epoch and keeps ``checkpoint_best.pth`` (best
-val accuracy). ``--evaluate`` loads a VE checkpoint as it is and evaluates once.
 """
 
 from __future__ import annotations

@@ -2,12 +2,8 @@
 
 python -m torch.distributed.launch --nproc_per_node=8 --use_env VQA.py --config ./configs/VQA.yaml \
     --output_dir output/vqa --checkpoint [Pretrained checkpoint]
-(also torchrun, SLURM, or a plain single process on a CPU or GPU)
 
-Writes ``checkpoint_%02d.pth`` and a ``log.txt`` line after every training epoch, then answers every
-test question: ``result/vqa_result_epoch%d_rank%d.json`` per process and the merged
-``result/vqa_result_epoch%d.json`` (``[{"question_id", "answer"}]``, each question once). When the
-test annotations carry annotator answers (a validation split), the VQA accuracy is printed and logged.
+Writes a checkpoint per epoch and ``result/vqa_result_epoch%d.json``; accuracy when annotations allow.
 """
 
 from __future__ import annotations

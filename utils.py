@@ -34,11 +34,7 @@ __all__ = [
 
 
 def str2bool(value: str | bool) -> bool:
-    """Parse a boolean command-line value (``true/false``, ``1/0``, ``yes/no``; case-insensitive).
-
-    Meant as an argparse ``type=``. The original scripts used ``type=bool``, under which every
-    non-empty string, ``False`` included, meant True.
-    """
+    """Parse a boolean command-line value (``true/false``, ``1/0``, ``yes/no``) as an argparse ``type=``."""
     if isinstance(value, bool):
         return value
     text = str(value).strip().lower()
@@ -98,10 +94,7 @@ def barrier() -> None:
 
 @torch.no_grad()
 def concat_all_gather(tensor: torch.Tensor) -> torch.Tensor:
-    """Gather ``tensor`` from every process and concatenate along dim 0 (no gradient).
-
-    Without a process group the input is returned unchanged.
-    """
+    """Gather ``tensor`` from every process along dim 0 (no gradient); unchanged without a process group."""
     if not is_dist_avail_and_initialized():
         return tensor
     gathered = [torch.empty_like(tensor) for _ in range(get_world_size())]
@@ -128,18 +121,14 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-# ---------------------------------------------------------------------------------------------------
 # Atomic file writes
-# ---------------------------------------------------------------------------------------------------
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], None],
                  verify: Callable[[str], None] | None = None, sync_dir: bool = False) -> None:
     """Write ``path`` through ``write(handle)`` so that it is replaced whole or not at all.
 
-    The data goes to ``.<name>.<pid>.<random>.tmp`` beside ``path``, is flushed and fsynced, checked
-    by ``verify(temporary path)`` and renamed over ``path``; ``sync_dir`` then fsyncs the folder so that
-    the rename survives a crash. Temporary files of killed earlier writers are removed first.
+    Temporary file beside ``path``, fsynced, checked by ``verify(temporary path)``, renamed over ``path``.
     """
     target = os.path.abspath(os.fspath(path))
     directory, name = os.path.split(target)

@@ -1,15 +1,11 @@
-"""SIMLA image-text retrieval evaluation of a checkpoint without fine-tuning (e.g. pretrained on 4M
-images, evaluated on Flickr30k).
+"""SIMLA image-text retrieval evaluation of a checkpoint without fine-tuning.
 
 python -m torch.distributed.launch --nproc_per_node=8 --use_env zero_shot_retrieval.py \
     --config ./configs/Retrieval_flickr.yaml --output_dir output/Retrieval_flickr \
     --checkpoint [pretrained checkpoint] --evaluate
-(also torchrun, SLURM, or a plain single process on a CPU or GPU)
 
-Writes ``config.yaml`` and one ``log.txt`` line of ``test_*`` metrics per evaluation. Without
-``--evaluate`` the evaluation is repeated ``schedular.epochs`` times, as the original does.
-``--save_sims`` also writes the ITC similarity matrix and the two ITM score matrices as ``.npy`` files
-into the folder named by the config's ``save_sims`` key (``output_dir`` when it is empty).
+Without ``--evaluate`` the evaluation repeats ``schedular.epochs`` times, as the original does.
+``--save_sims`` writes the ITC/ITM score matrices as ``.npy`` into ``save_sims`` (or ``output_dir``).
 """
 
 from __future__ import annotations

@@ -1,22 +1,8 @@
 """Loading, overriding and saving YAML task configurations.
 
-Configs are read with ruamel.yaml's safe loader into plain ``dict``/``list`` trees. ruamel follows
-YAML 1.2, so ``1e-4``, ``1E-4`` and ``2e-5`` are floats (PyYAML's YAML 1.1 rules would leave them as
-strings) and ``yes``/``no`` stay strings, exactly like the original SIMLA scripts.
-
-Overrides use the Hydra command-line grammar that the original ``Pretrain.py --overrides`` accepted:
-
-``key=value``
-    change an existing key (dotted paths such as ``optimizer.lr=2e-5`` reach into sections);
-``+key=value``
-    add a key that does not exist yet;
-``++key=value``
-    add the key or change it if present;
-``~key`` / ``~key=value``
-    delete the key (with a value: only if the current value equals it).
-
-Values are parsed as YAML scalars or flow collections: ``true``, ``3``, ``1e-4``, ``null``,
-``[a, b]``, ``{x: 1}``, ``'quoted [SEP]'``; an empty value is the empty string.
+YAML 1.2 (ruamel safe loader): ``1e-4`` is a float, ``yes`` a string. Overrides use the Hydra grammar:
+``key=value`` (existing, dotted paths reach sections), ``+key=value`` (new), ``++key=value`` (either),
+``~key`` / ``~key=value`` (delete); values are YAML scalars or flow collections.
 """
 
 from __future__ import annotations
@@ -55,11 +41,9 @@ def _yaml_loader() -> YAML:
 
 def _yaml_dumper() -> YAML:
     yaml = YAML(typ="safe", pure=True)
-    # None = block style for mappings that contain collections, flow style for the innermost ones
-    # (``optimizer: {lr: 2e-05, opt: adamW}``), like the original's ``yaml.dump``.
+    # None: flow style for the innermost collections only, like the original's yaml.dump
     yaml.default_flow_style = None
-    # non-ASCII characters escaped, as the original's yaml.dump does; this also keeps characters
-    # such as U+0085 that YAML would read back as line breaks
+    # escape non-ASCII (e.g. U+0085 would read back as a line break)
     yaml.allow_unicode = False
     # no line folding: a folded double-quoted scalar with escapes does not read back intact
     yaml.width = 2**30
@@ -67,11 +51,7 @@ def _yaml_dumper() -> YAML:
 
 
 def resolve_config_path(path: str | os.PathLike[str]) -> Path:
-    """Return ``path`` if it exists, else a case-insensitive match in the same directory.
-
-    The original ``Pretrain_NLVR.py`` defaults to ``configs/NLVR_pretrain.yaml`` while the shipped
-    file is ``configs/NLVR_Pretrain.yaml``; both spellings are accepted here.
-    """
+    """Return ``path`` if it exists, else a case-insensitive match in the same directory."""
     candidate = Path(path)
     if candidate.is_file():
         return candidate
@@ -160,10 +140,7 @@ def _split_override(override: str, source: str) -> tuple[str, str, str | None]:
 def apply_overrides(
     config: dict[str, Any], overrides: Iterable[str] | None, source: str = "<config>"
 ) -> dict[str, Any]:
-    """Apply Hydra-style override strings to ``config`` in place and return it.
-
-    ``source`` names the config file in error messages.
-    """
+    """Apply Hydra-style override strings to ``config`` in place and return it."""
     for override in overrides or ():
         prefix, key, raw = _split_override(override, source)
         parts = key.split(".")
@@ -240,12 +217,9 @@ def load_config(
     overrides: list[str] | None = None,
     task: str | None = None,
 ) -> dict[str, Any]:
-    """Load a YAML config as a plain dict, apply ``overrides`` and, if ``task`` is given, validate it.
+    """Load a YAML config, apply ``overrides`` and, with ``task``, validate it (:class:`ConfigError`).
 
-    Raises ``FileNotFoundError`` for a missing file and :class:`ConfigError` for invalid YAML, a
-    non-mapping document, a bad override or (with ``task``) a missing required key or a value of the
-    wrong type; unknown keys give a :class:`~configs.schema.ConfigWarning`. Only the config file itself
-    is read: the scripts call this first, so a bad config fails before any data file is opened.
+    Only the config file itself is read, so a bad config fails before any data file is opened.
     """
     source = str(path)
     resolved = resolve_config_path(path)
@@ -286,11 +260,7 @@ def _reads_back(text: str, value: Any) -> bool:
 
 
 def dump_config(config: Mapping[str, Any]) -> str:
-    """Render ``config`` as the YAML text written to ``config.yaml``.
-
-    Keys are sorted alphabetically, innermost mappings and lists are in flow style and floats use
-    Python's repr (``0.0001``, ``1e-05``), as in the original's output.
-    """
+    """Render ``config`` as ``config.yaml`` text: sorted keys, innermost collections in flow style."""
     plain = _plain(config)
     stream = io.StringIO()
     _yaml_dumper().dump(plain, stream)
@@ -309,8 +279,7 @@ def dump_config(config: Mapping[str, Any]) -> str:
 
 
 def save_config(config: Mapping[str, Any], output_dir: str | os.PathLike[str]) -> str:
-    """Write ``output_dir/config.yaml`` atomically (creating ``output_dir``), without the defaults
-    :func:`~configs.schema.with_defaults` filled in; return its path."""
+    """Write ``output_dir/config.yaml`` atomically, without the filled-in defaults; return its path."""
     text = dump_config(as_written(config))
     os.makedirs(output_dir, exist_ok=True)
     target = os.path.join(os.fspath(output_dir), "config.yaml")

@@ -1,24 +1,8 @@
 """Which configuration keys each task reads, and validation of loaded configs.
 
-Every task config is a flat mapping plus two nested sections, ``optimizer`` and ``schedular`` (the
-original SIMLA code spells the scheduler section that way, and so do we). A missing required key is an
-error; a key that no script reads only triggers a warning, so that old or annotated YAML files keep
-working.
-
-Known keys also have an expected type (:data:`KEY_TYPES` for the top level, ``SectionSchema.types``
-inside the sections): a value of another type (``batch_size_train: "32"``, ``image_res: 2.5``,
-``optimizer.lr: fast``) is an error that names the file, the key, the expected and the found type and
-the value. Integers are accepted where a float is expected, booleans are never taken for numbers, and
-``null`` only for keys that give it a meaning (an unset option, "no limit"). Loading checks all of this
-before any data is read.
-
-Optional keys have their defaults declared here once: :func:`with_defaults` fills in the absent ones
-(the code then reads ``config[key]``) and :func:`as_written` leaves them out again for ``config.yaml`` and
-the checkpoints' ``config`` entry.
-
-To teach the validator about a new key, add it to the task's ``optional`` mapping (or to
-``COMMON_OPTIONAL``) and give it a type in :data:`KEY_TYPES`, or call :func:`extend_schema` from the
-code that introduces the key.
+A missing required key or a value of the wrong type (:data:`KEY_TYPES`, ``SectionSchema.types``) is an
+error; an unknown key only warns. :func:`with_defaults` fills optional keys, :func:`as_written` drops them
+again. New keys: a task's ``optional``/``COMMON_OPTIONAL`` plus :data:`KEY_TYPES`, or :func:`extend_schema`.
 """
 
 from __future__ import annotations
@@ -103,12 +87,7 @@ class SectionSchema:
 
 @dataclass
 class TaskSchema:
-    """Keys read by one task.
-
-    ``optional`` maps a key to the default the scripts use when it is absent (``None`` when the key is
-    accepted but never read). ``types`` gives the expected type of a key only this task knows; the
-    other keys' types come from :data:`KEY_TYPES`.
-    """
+    """Keys read by one task: ``optional`` maps key -> default (``None``: accepted, never read)."""
 
     required: tuple[str, ...]
     optional: dict[str, Any] = field(default_factory=dict)
@@ -120,26 +99,21 @@ class TaskSchema:
         return set(self.required) | set(self.optional) | set(COMMON_OPTIONAL)
 
 
-# Keys accepted by every task. The vision_* / patch_size keys size the ViT (the original hard-codes
-# ViT-B/16: width 768, depth 12, heads 12, patch 16); they are used for small test models.
+# Keys accepted by every task; vision_* / patch_size size the ViT (small test models).
 COMMON_OPTIONAL: dict[str, Any] = {
     "vision_width": 768,
     "vision_depth": 12,
     "vision_heads": 12,
     "patch_size": 16,
     "vit_mask_token": True,
-    # options beyond the original (defaults keep its behaviour)
     "grad_checkpointing": False,
     "randaugment_clip_sharpness": False,
     "randaugment_fix_autocontrast": False,
     "deit_weights": None,
     "max_words": 30,
-    # decompression-bomb guard: an image whose header claims more pixels is unreadable (a skipped and
-    # counted training sample, an error in evaluation); 2**28 = 16384 x 16384. null or 0: no limit, the
-    # original behaviour (see dataset/images.py)
+    # decompression-bomb guard (larger images are unreadable); null or 0: no limit
     "max_image_pixels": 2 ** 28,
-    # random initialisation instead of the DeiT / BERT downloads (demo and tests; a checkpoint then
-    # supplies the weights)
+    # random initialisation instead of the DeiT / BERT downloads
     "from_scratch": False,
 }
 
@@ -169,7 +143,6 @@ SECTION_SCHEMAS: dict[str, SectionSchema] = {
         },
         optional={
             "lr": None,  # present in every shipped file but never read: the peak LR is optimizer.lr
-            # read by the LR scheduler factories; every shipped file sets them
             "min_lr": None,
             "decay_rate": None,
             "warmup_lr": None,
@@ -190,8 +163,7 @@ SECTION_SCHEMAS: dict[str, SectionSchema] = {
 
 _SECTIONS = ("optimizer", "schedular")
 
-# Expected type of every top-level key any task knows (the sections are checked key by key with
-# ``SectionSchema.types``). Annotation files may be one path or a list of paths.
+# Expected type of every top-level key any task knows.
 KEY_TYPES: dict[str, ValueType] = {
     **dict.fromkeys(("train_file", "val_file", "test_file"), STR_OR_LIST),
     **dict.fromkeys(
@@ -231,7 +203,6 @@ TASK_SCHEMAS: dict[str, TaskSchema] = {
         ),
         optional={
             "from_scratch": False, "disable_wandb": False,
-            # options beyond the original (defaults keep its behaviour)
             "distill_softmax_dim": 1, "mim_aligned_views": False, "psl_layer": None,
             "psl_keys_per_head": 4, "psl_num_keywords": 5, "mask_num_patches": 75, "mask_min_patches": 16,
             "mask_min_aspect": 0.3, "mask_max_aspect": None,
@@ -247,7 +218,6 @@ TASK_SCHEMAS: dict[str, TaskSchema] = {
         ),
         optional={
             "freeze_visual_encoder": False, "distill": None, "save_sims": None,
-            # options beyond the original (defaults keep its behaviour)
             "enqueue_idx": False, "itm_eval_batch_size": 256,
         },
     ),
@@ -259,9 +229,7 @@ TASK_SCHEMAS: dict[str, TaskSchema] = {
         ),
         optional={
             "distill": None,
-            # options beyond the original (defaults keep its behaviour): writing image ids into the
-            # retrieval model's idx_queue; choosing the best-scoring detection box when no box has a
-            # positive Grad-CAM score (the original reuses the previous expression's box)
+            # grounding_skip_empty_fix: best-scoring box when no box has a positive Grad-CAM score
             "enqueue_idx": False, "grounding_skip_empty_fix": False,
         },
     ),
@@ -271,9 +239,6 @@ TASK_SCHEMAS: dict[str, TaskSchema] = {
             "batch_size_train", "batch_size_test", "k_test", "alpha", "distill", "warm_up", "eos",
             "bert_config", *_SECTIONS,
         ),
-        # options beyond the original (defaults keep its behaviour): answer-decoder depth (its layers
-        # come from the last encoder layers of a pretraining checkpoint), passing alpha to the decoder's
-        # distillation (the original does not), the distillation log-softmax axis
         optional={"decoder_depth": 6, "vqa_distill_alpha": False, "distill_softmax_dim": 1},
     ),
     "nlvr": TaskSchema(
@@ -283,9 +248,6 @@ TASK_SCHEMAS: dict[str, TaskSchema] = {
         ),
         optional={
             "eval_ema": None,
-            # options beyond the original (defaults keep its behaviour): NLVR text-encoder depth and the
-            # first layer of the cross-attention-sharing pairs; copying the momentum models after
-            # loading --checkpoint instead of before
             "nlvr_num_layers": 18, "nlvr_split_layer": 6, "copy_momentum_after_load": False,
         },
     ),
@@ -330,8 +292,7 @@ def extend_schema(
     optional: Mapping[str, Any] | None = None,
     types: Mapping[str, ValueType] | None = None,
 ) -> TaskSchema:
-    """Add required and/or optional keys (and their expected ``types``) to a task's schema; returns the
-    updated schema."""
+    """Add required and/or optional keys (and their ``types``) to a task's schema; returns it."""
     schema = TASK_SCHEMAS[canonical_task(task)]
     extra = tuple(k for k in required if k not in schema.required)
     schema.required = schema.required + extra
@@ -343,15 +304,13 @@ def extend_schema(
 
 
 class FilledConfig(dict):
-    """A config with the schema's defaults filled in; ``filled`` names the keys that were absent
-    (``section.key`` inside the sections), which :func:`as_written` leaves out again."""
+    """A config with defaults filled in; ``filled`` names the absent keys (``section.key`` in sections)."""
 
     filled: frozenset[str] = frozenset()
 
 
 def with_defaults(config: Mapping[str, Any], task: str) -> FilledConfig:
-    """A copy of ``config`` in which every absent optional key of ``task`` (and of its sections) has its
-    declared default; ``config`` itself is not changed."""
+    """A copy of ``config`` with every absent optional key of ``task`` (and its sections) defaulted."""
     schema = TASK_SCHEMAS[canonical_task(task)]
     result = FilledConfig(config)
     filled = set(getattr(config, "filled", ()))
@@ -370,8 +329,7 @@ def with_defaults(config: Mapping[str, Any], task: str) -> FilledConfig:
 
 
 def as_written(config: Mapping[str, Any]) -> dict[str, Any]:
-    """A plain copy of ``config`` without the keys :func:`with_defaults` filled in: what ``config.yaml``
-    and the checkpoints' ``config`` entry hold."""
+    """A plain copy of ``config`` without the keys :func:`with_defaults` filled in."""
     filled = getattr(config, "filled", frozenset())
     written = {k: v for k, v in config.items() if k not in filled}
     for section in SECTION_SCHEMAS:
@@ -381,9 +339,7 @@ def as_written(config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def section_values(section: Mapping[str, Any] | Any, name: str, required: Iterable[str] = ()) -> dict[str, Any]:
-    """The ``name`` section (``optimizer`` or ``schedular``, a mapping or an attribute-style object) with
-    the schema's default for every absent or null key; a missing section key or ``required`` key is a
-    ``KeyError`` naming it."""
+    """The ``name`` section with defaults for absent/null keys; ``KeyError`` for a missing required key."""
     given = section if isinstance(section, Mapping) else vars(section)
     schema = SECTION_SCHEMAS[name]
     values = {**schema.optional, **{k: v for k, v in given.items() if v is not None}}
@@ -399,8 +355,7 @@ def patch_grid(config: Mapping[str, Any]) -> int:
 
 
 def expected_type(task: str, key: str) -> ValueType | None:
-    """The type a key of ``task`` must have; ``key`` may be a dotted section key (``optimizer.lr``).
-    None for a key without a declared type (it is not checked)."""
+    """The type a (possibly dotted) key of ``task`` must have; None when undeclared."""
     section, dot, name = key.partition(".")
     if dot:
         section_schema = SECTION_SCHEMAS.get(section)
@@ -440,12 +395,11 @@ def _shown(value: Any, limit: int = 80) -> str:
 def _type_errors(
     mapping: Mapping[str, Any], known: set[str], task: str, prefix: str
 ) -> list[tuple[str, str]]:
-    """``(key, "expected ..., found ...")`` for every key in ``known`` whose value in ``mapping`` does
-    not have the key's expected type (unknown keys only get the warning)."""
+    """``(key, "expected ..., found ...")`` for every known key whose value has the wrong type."""
     errors = []
     for key, value in mapping.items():
         if key not in known or (prefix == "" and key in SECTION_SCHEMAS):
-            continue  # sections are checked (as mappings and key by key) separately
+            continue
         kind = expected_type(task, f"{prefix}{key}")
         if kind is None or kind.accepts(value):
             continue
@@ -492,14 +446,8 @@ def _check_keys(
 
 
 def validate_config(config: Mapping[str, Any], task: str, path: Any = None) -> Mapping[str, Any]:
-    """Check ``config`` against the schema of ``task``.
-
-    Raises :class:`ConfigError` for a missing required key (naming the key, the file ``path`` and a
-    similarly spelled key present in the file, if any), a malformed section or known keys whose values
-    have the wrong type (all of them in one error: key, expected and found type, value); warns with
-    :class:`ConfigWarning` about keys the task does not read, naming the closest known key. Returns
-    ``config`` unchanged.
-    """
+    """Check ``config`` against ``task``'s schema: :class:`ConfigError` for missing keys, malformed sections
+    or wrong types (all in one error); :class:`ConfigWarning` for unread keys. Returns ``config``."""
     name = canonical_task(task)
     schema = TASK_SCHEMAS[name]
     if not isinstance(config, Mapping):

@@ -1,12 +1,7 @@
 """The one attention function shared by the ViT and BERT blocks.
 
-PyTorch's fused ``scaled_dot_product_attention`` is used whenever neither the attention probabilities
-nor dropout on them are needed. Otherwise (a caller reads the probabilities: keyword pseudo-labels,
-``output_attentions``, Grad-CAM; or attention dropout in training) the softmax is written out, scaling
-the scores after the product as BERT does. The fused kernel would fall back to that computation for
-dropout anyway, with a few more operations; the dropout draws are the same, in the same order. The
-dropout and the product with the values are one operation (:func:`models.lean_autograd.dropout_matmul`)
-that, on CPU, keeps a one-byte mask instead of the noise and the dropped probabilities for backward.
+Fused ``scaled_dot_product_attention`` unless the probabilities or dropout are needed; then the softmax
+is written out and dropout + value product is :func:`models.lean_autograd.dropout_matmul`.
 """
 
 from __future__ import annotations
@@ -32,11 +27,7 @@ def attention(
     dropout_p: float = 0.0,
     need_probs: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Multi-head attention on ``(B, H, L, D)`` tensors with an additive mask.
-
-    Returns ``(context, probs)``; ``probs`` are the pre-dropout softmax probabilities, returned only when
-    ``need_probs`` is true.
-    """
+    """Multi-head attention on ``(B, H, L, D)`` -> ``(context, probs)``; pre-dropout ``probs`` or None."""
     mask = _mask_for(query.dtype, attn_mask)
     if not need_probs and dropout_p == 0.0:
         return F.scaled_dot_product_attention(query, key, value, attn_mask=mask), None

@@ -1,16 +1,7 @@
-"""One BERT implementation for every SIMLA model.
+"""One BERT implementation for every SIMLA model, with the original's state-dict keys.
 
-Two layouts of the original are configurations of this code:
-
-* ``med`` (pretraining, retrieval, VQA, VE): no token-type embeddings; when the config sets
-  ``add_cross_attention`` every layer has a cross-attention block, executed only in ``multimodal``
-  mode. ``mode="text"`` runs all layers as a plain text encoder.
-* ``xbert`` (NLVR models): token-type embeddings; layers ``>= fusion_layer`` have cross-attention and
-  always run it; ``text`` runs layers ``[0, fusion_layer)``, ``fusion`` the rest, ``multi_modal`` all.
-  A list of encoder states is alternated over the cross-attending layers.
-
-State-dict keys are those of the original (``embeddings.*``, ``encoder.layer.{i}.attention.self.query``
-... ``crossattention.*`` ... ``cls.predictions.*``), so official checkpoints load unchanged.
+Layouts: ``med`` (pretraining, retrieval, VQA, VE; cross-attention only in ``multimodal`` mode) and
+``xbert`` (NLVR; token types, layers ``>= fusion_layer`` always cross-attend).
 """
 
 from __future__ import annotations
@@ -57,12 +48,8 @@ class EncoderOutput:
 class CrossKeyValues:
     """Cross-attention keys and values ``(B, H, S, D)`` of encoder states, per cross-attending layer.
 
-    Fusion passes that attend to the same encoder states with the same weights project them to the same
-    keys and values, and those projections have no dropout: computing them once
-    (:meth:`BertModel.cross_key_values`) and handing them to every such pass is exact, and autograd sums
-    the passes' gradients before the one weight-gradient product. ``rows`` (from :meth:`select`) picks,
-    repeats or reorders batch rows; it is applied when a layer reads its keys, so only one layer's
-    gathered copy exists at a time.
+    Computed once and shared by fusion passes over the same states (exact); ``rows`` (from :meth:`select`)
+    picks/reorders batch rows lazily, when a layer reads its keys.
     """
 
     layers: dict[int, KeyValue]
@@ -110,13 +97,11 @@ class BertEmbeddings(nn.Module):
 
     def forward(self, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, past_key_values_length: int = 0) -> torch.Tensor:
-        """``inputs_embeds`` are word vectors (``word_embeddings(input_ids)``), e.g. one lookup shared by
-        several passes over the same ids."""
+        """``inputs_embeds`` are word vectors (``word_embeddings(input_ids)``)."""
         if inputs_embeds is None:
             inputs_embeds = self.word_embeddings(input_ids)
         length = inputs_embeds.shape[1]
         position_ids = self.position_ids[:, past_key_values_length: past_key_values_length + length]
-        # out of place: the caller's tensor (e.g. ViT output fed as queries) is left untouched
         embeddings = inputs_embeds + self.position_embeddings(position_ids)
         if self.token_type_embeddings is not None:
             if token_type_ids is None:
@@ -231,8 +216,7 @@ class BertLayer(nn.Module):
                 encoder_hidden_states: torch.Tensor | None, encoder_attention_mask: torch.Tensor | None,
                 mode: str, output_attentions: bool, encoder_kv: KeyValue | None = None,
                 query_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """``query_rows``: compute the outputs of the first positions only (every position is still a
-        key); each output row depends only on its own query row, so those rows are unchanged."""
+        """``query_rows``: compute the outputs of the first positions only (same values for those rows)."""
         if query_rows is None:
             hidden_states, self_probs = self.attention(hidden_states, attention_mask, None, output_attentions)
         else:
@@ -250,8 +234,7 @@ class BertLayer(nn.Module):
         return self.feed_forward(hidden_states), self_probs, cross_probs
 
     def feed_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """``output(intermediate(x), x)``; with GELU, ``output.dense(gelu(...))`` is one
-        :func:`~models.lean_autograd.gelu_linear` (backward keeps the GELU input only), same numbers."""
+        """``output(intermediate(x), x)``; with GELU via :func:`~models.lean_autograd.gelu_linear`."""
         act = self.intermediate.intermediate_act_fn
         if not isinstance(act, nn.GELU) or has_module_hooks(self.intermediate, act, self.output):
             return self.output(self.intermediate(hidden_states), hidden_states)
@@ -372,8 +355,7 @@ class BertModel(nn.Module):
         return "multimodal" if self.layout == "med" else "multi_modal"
 
     def cross_key_values(self, encoder_hidden_states: torch.Tensor, mode: str | None = None) -> CrossKeyValues:
-        """Project ``encoder_hidden_states`` once for every layer that cross-attends in ``mode``; pass the
-        result as ``encoder_kv`` to any number of forward calls over those states."""
+        """Project ``encoder_hidden_states`` once for every layer that cross-attends in ``mode``."""
         mode = mode or self.default_mode()
         return CrossKeyValues({
             i: self.encoder.layer[i].crossattention.self.key_value(encoder_hidden_states)
@@ -387,9 +369,8 @@ class BertModel(nn.Module):
                 token_type_ids: torch.Tensor | None = None, output_attentions: bool | Collection[int] = False,
                 is_decoder: bool = False, mode: str | None = None, return_dict: bool = True,
                 encoder_kv: CrossKeyValues | None = None, output_rows: int | None = None) -> EncoderOutput:
-        """``encoder_kv`` (from :meth:`cross_key_values`) replaces the cross-attention projections of
-        ``encoder_hidden_states``, which may then be omitted. ``output_rows``: return (and compute in the
-        last layer) only the first positions, e.g. 1 when only the [CLS] output is read."""
+        """``encoder_kv`` (from :meth:`cross_key_values`) replaces the cross-attention projections;
+        ``output_rows``: return (and compute in the last layer) only the first positions."""
         if mode is None:
             mode = self.default_mode()
         if encoder_embeds is not None:
@@ -456,11 +437,7 @@ class BertOnlyMLMHead(nn.Module):
 
 
 def soft_label_cross_entropy(logits: torch.Tensor, soft_labels: torch.Tensor, dim: int) -> torch.Tensor:
-    """``-sum_v log_softmax(logits, dim) * soft_labels`` over the vocabulary axis -> ``(B, L)``.
-
-    The original SIMLA code normalises over ``dim=1`` (the sequence axis); ``dim=-1`` is the
-    conventional choice (``distill_softmax_dim: -1`` in a config).
-    """
+    """``-sum_v log_softmax(logits, dim) * soft_labels`` -> ``(B, L)``; the original uses ``dim=1``."""
     return -torch.sum(F.log_softmax(logits, dim=dim) * soft_labels, dim=-1)
 
 
@@ -493,11 +470,10 @@ class BertForMaskedLM(_BertWithHead):
                 soft_labels: torch.Tensor | None = None, alpha: float = 0.0, return_logits: bool = False,
                 output_attentions: bool = False, is_decoder: bool = False, mode: str = "multimodal",
                 encoder_kv: CrossKeyValues | None = None, nan_without_labels: bool = False) -> LMOutput | torch.Tensor:
-        """Masked-LM loss on ``labels`` (-100 = no loss), distilled towards ``soft_labels`` with weight
-        ``alpha``; ``soft_labels`` are (B, L, V) or only the rows of the labelled positions (M, V).
+        """Masked-LM loss on ``labels`` (-100: none), distilled to ``soft_labels`` (B, L, V) or (M, V).
 
-        When no position is labelled the loss is zero, still connected to every parameter (distributed
-        gradient hooks stay in step); ``nan_without_labels`` keeps the mean over nothing (NaN)."""
+        With no labelled position the loss is zero (NaN with ``nan_without_labels``), still connected to every
+        parameter."""
         out = self.bert(input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
                         encoder_hidden_states=encoder_hidden_states,
                         encoder_attention_mask=encoder_attention_mask, output_attentions=output_attentions,
@@ -511,7 +487,6 @@ class BertForMaskedLM(_BertWithHead):
             if soft_labels is not None:
                 selected = labels != -100
                 log_probs = F.log_softmax(logits, dim=self.distill_softmax_dim)[selected]
-                # soft labels may be given for every position (B, L, V) or only the labelled ones (M, V)
                 targets = soft_labels[selected] if soft_labels.dim() == 3 else soft_labels
                 distill = -torch.sum(log_probs * targets, dim=-1).mean()
                 loss = (1 - alpha) * loss + alpha * distill
@@ -598,12 +573,7 @@ def _normalise_hf_key(key: str) -> str:
 
 
 def load_pretrained_bert(model: BertModel | _BertWithHead, name_or_path: str, verbose: bool = True):
-    """Initialise ``model`` from a Hugging Face BERT checkpoint (``BertModel`` or ``BertFor*`` keys).
-
-    Weights the checkpoint lacks (cross-attention, extra layers) keep their BERT initialisation;
-    checkpoint entries the model has no place for (pooler, NSP head, token types in ``med``, layers
-    beyond the model's depth) are dropped. Returns ``(missing_keys, unexpected_keys)``.
-    """
+    """Initialise ``model`` from a Hugging Face BERT checkpoint; returns ``(missing, unexpected)`` keys."""
     raw = read_state_dict(resolve_pretrained_file(name_or_path))
     has_head = isinstance(model, _BertWithHead)
     target = model.state_dict()
@@ -631,8 +601,7 @@ def load_pretrained_bert(model: BertModel | _BertWithHead, name_or_path: str, ve
 
 
 def pretrained_source(config: Any, name: str | None, what: str = "text_encoder") -> str | None:
-    """The Hugging Face BERT a task model initialises from: None with ``from_scratch: true``,
-    otherwise ``name``, which is then required."""
+    """The Hugging Face BERT to initialise from: None with ``from_scratch``, else ``name`` (required)."""
     if config["from_scratch"]:
         return None
     if not name:

@@ -1,29 +1,9 @@
 """Autograd operations that keep less for backward and compute the very same numbers.
 
-Three spots of a training step keep large activations that backward can cheaply rebuild:
-
-* dropout on CPU keeps its float ``noise`` tensor (``F.dropout`` draws ``bernoulli_`` into a tensor like
-  the input, scales it by ``1 / (1 - p)`` and multiplies); :func:`dropout` keeps a one-byte mask of the
-  kept entries and rebuilds ``noise`` from it with the same operations;
-* attention dropout followed by the product with the values keeps the noise and the dropped
-  probabilities; :func:`dropout_matmul` keeps the probabilities (which the softmax keeps anyway), the
-  mask and the values, and recomputes the dropped probabilities in backward;
-* ``linear(gelu(h))`` keeps both ``h`` and ``gelu(h)``; :func:`gelu_linear` keeps ``h`` and recomputes
-  the activation in backward.
-
-A vocabulary-sized projection (:func:`vocabulary_projection`, MLM decoder and keyword heads) also gets a
-contiguous weight gradient that a tied table's gradient buffer adds into in place.
-
-Forward draws the same random numbers with the same calls, and backward runs the operations autograd
-runs for the plain computation (the ``bmm``, ``addmm`` and ``gelu`` derivative formulas, with the same
-reshapes), so outputs, gradients and the generator state are bitwise those of the plain code.
-
-The lean operations run on CPU tensors that need a gradient, in eager mode; elsewhere (CUDA, whose
-fused dropout already keeps a bool mask; ``torch.compile``, whose partitioner chooses what to keep;
-no gradient; autocast where the plain product would cast its inputs) the plain computation runs.
-:func:`use_lean_activations` switches them off (and on) for a block of code, e.g. to compare the two
-paths; the setting is read when forward runs, so with gradient checkpointing (which reruns forward
-during backward) keep it the same through the backward call.
+Lean ``dropout``, ``dropout_matmul`` (attention) and ``gelu_linear`` keep masks/inputs and recompute in
+backward; outputs, gradients and generator state are bitwise those of the plain code. They run only on
+CPU tensors needing grad in eager mode; :func:`use_lean_activations` toggles them (keep the setting
+unchanged through backward when gradient checkpointing reruns forward).
 """
 
 from __future__ import annotations
@@ -46,8 +26,7 @@ def lean_activations_enabled() -> bool:
 
 @contextmanager
 def use_lean_activations(enabled: bool) -> Iterator[None]:
-    """Switch the lean operations on or off inside the ``with`` block (the previous setting comes back
-    afterwards). With them off, every function here runs the plain PyTorch computation."""
+    """Switch the lean operations on or off inside the ``with`` block (restored afterwards)."""
     global _enabled
     previous, _enabled = _enabled, bool(enabled)
     try:
@@ -63,8 +42,7 @@ def _lean_on_cpu(*tensors: torch.Tensor) -> bool:
 
 
 def has_module_hooks(*modules: nn.Module) -> bool:
-    """Whether forward or backward hooks are registered on any of ``modules`` or on all modules: a lean
-    path that does a module's work without calling it would skip them, so it then stays plain."""
+    """Whether any of ``modules`` (or all modules globally) has hooks that a lean path would skip."""
     registry = nn.modules.module
     if (registry._global_forward_hooks or registry._global_forward_pre_hooks
             or registry._global_backward_hooks or registry._global_backward_pre_hooks):
@@ -82,11 +60,7 @@ def _active_dropout(p: float, training: bool) -> bool:
 
 
 def _draw_noise(like: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The scaled ``noise`` of CPU ``F.dropout`` for ``like`` and the bool mask of its non-zero entries.
-
-    The draw is the one ``F.dropout`` makes: ``bernoulli_`` into ``empty_like(like)`` (same shape, dtype
-    and strides, so the same random numbers in the same order), then an in-place division by ``1 - p``.
-    """
+    """The scaled ``noise`` of CPU ``F.dropout`` (same draw) and the bool mask of its non-zero entries."""
     noise = torch.empty_like(like).bernoulli_(1 - p)
     keep = noise.bool()
     return noise.div_(1 - p), keep
@@ -110,13 +84,11 @@ class _MaskedDropout(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, None]:
         (keep,) = ctx.saved_tensors
-        # the derivative of a product with a constant factor: grad * noise
         return grad * _noise_from(keep, ctx.dtype, ctx.p), None
 
 
 def dropout(x: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> torch.Tensor:
-    """``F.dropout(x, p, training, inplace)`` with the same values and random draws; on CPU, when ``x``
-    needs a gradient, backward keeps a one-byte mask instead of a float noise tensor."""
+    """``F.dropout`` bitwise; on CPU with grad, backward keeps a one-byte mask instead of the noise."""
     if not inplace and _active_dropout(p, training) and _lean_on_cpu(x) and x.numel() > 0:
         return _MaskedDropout.apply(x, p)
     return F.dropout(x, p, training, inplace)
@@ -133,24 +105,18 @@ class LeanDropout(nn.Dropout):
 
 
 def _batched(x: torch.Tensor) -> torch.Tensor:
-    """``x`` with its batch dimensions folded into one, as ``torch.matmul`` folds it for ``bmm``
-    (a view when the layout allows, a contiguous copy otherwise)."""
+    """``x`` with its batch dimensions folded into one, as ``torch.matmul`` folds it for ``bmm``."""
     return x.reshape(math.prod(x.shape[:-2]), x.shape[-2], x.shape[-1])
 
 
 def _keeps_value(value: torch.Tensor) -> bool:
-    """Keep ``value`` itself for backward when that holds no more memory than its folded copy: then its
-    storage is no larger than it, and passes sharing one value tensor share what they keep."""
+    """Keep ``value`` itself for backward when it holds no more memory than its folded copy."""
     return value.untyped_storage().nbytes() <= value.numel() * value.element_size()
 
 
 class _DropoutMatmul(torch.autograd.Function):
     """``torch.matmul(F.dropout(probs, p), value)`` for same-shaped batch dimensions, on CPU.
-
-    Keeps ``probs`` (the softmax output, which softmax backward keeps too), the one-byte mask and the
-    values; the dropped probabilities are recomputed in backward. The gradients are autograd's ``bmm``
-    and product formulas on the same folded tensors.
-    """
+    Keeps ``probs``, the one-byte mask and the values; recomputes the dropped probabilities in backward."""
 
     @staticmethod
     def forward(ctx, probs: torch.Tensor, value: torch.Tensor, p: float) -> torch.Tensor:
@@ -181,8 +147,7 @@ class _DropoutMatmul(torch.autograd.Function):
 
 
 def _matmul_without_casts(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """``torch.matmul(a, b)`` would run on the tensors as they are: same dtype, and under autocast
-    already the autocast dtype."""
+    """``torch.matmul(a, b)`` would not cast: same dtype, and the autocast dtype under autocast."""
     device = a.device.type
     if a.dtype != b.dtype:
         return False
@@ -190,9 +155,7 @@ def _matmul_without_casts(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def dropout_matmul(probs: torch.Tensor, value: torch.Tensor, p: float) -> torch.Tensor:
-    """``torch.matmul(F.dropout(probs, p), value)`` (dropout in training mode), bitwise, keeping less for
-    backward on CPU: :class:`_DropoutMatmul` for ``(..., L, S) @ (..., S, D)`` with equal batch
-    dimensions, else the masked :func:`dropout` and ``torch.matmul``."""
+    """``torch.matmul(F.dropout(probs, p), value)`` in training mode, bitwise, keeping less on CPU."""
     fused = (_active_dropout(p, True) and _lean_on_cpu(probs, value) and probs.dim() >= 3
              and probs.shape[:-2] == value.shape[:-2] and probs.shape[-1] == value.shape[-2]
              and probs.numel() > 0 and value.numel() > 0 and _matmul_without_casts(probs, value))
@@ -205,8 +168,7 @@ def dropout_matmul(probs: torch.Tensor, value: torch.Tensor, p: float) -> torch.
 
 
 def _mm_mat1_backward(grad: torch.Tensor, mat2: torch.Tensor, mat1: torch.Tensor) -> torch.Tensor:
-    """Gradient of ``mat1`` in ``mat1 @ mat2`` as autograd's ``mm``/``addmm`` derivative computes it
-    (a column-major ``mat1`` gets a column-major gradient)."""
+    """Gradient of ``mat1`` in ``mat1 @ mat2`` as autograd's ``mm``/``addmm`` derivative computes it."""
     rows = mat1.shape[0]
     if mat1.stride(0) == 1 and mat1.stride(1) == rows:
         return mat2.mm(grad.t()).t()
@@ -228,11 +190,7 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 class _GeluLinear(torch.autograd.Function):
     """``F.linear(F.gelu(h), weight, bias)`` that keeps ``h`` (not ``gelu(h)``) for backward.
-
-    Backward recomputes ``gelu(h)`` and applies autograd's ``addmm`` derivative (input gradient
-    ``grad @ weight``, weight gradient as the transposed product ``grad^T @ a``, bias gradient summed
-    over the rows) and the ``gelu_backward`` kernel, on the 2-D views ``F.linear`` uses.
-    """
+    Backward recomputes ``gelu(h)`` and applies autograd's ``addmm`` and ``gelu_backward`` formulas."""
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
@@ -258,9 +216,7 @@ class _GeluLinear(torch.autograd.Function):
 
 
 def _gelu_linear_fits(hidden: torch.Tensor, linear: nn.Linear) -> bool:
-    """``F.linear`` would run one ``addmm`` on ``gelu(hidden)`` (a contiguous input of at least two
-    dimensions, a bias), outside autocast (whose cached weight casts the lean path would not share), and
-    ``linear`` has no hooks."""
+    """``F.linear`` would run one ``addmm`` on ``gelu(hidden)``, no autocast, no hooks."""
     weight, bias = linear.weight, linear.bias
     return (not has_module_hooks(linear) and bias is not None and bias.dim() == 1 and weight.dim() == 2
             and hidden.dim() >= 2 and hidden.is_contiguous()
@@ -270,18 +226,13 @@ def _gelu_linear_fits(hidden: torch.Tensor, linear: nn.Linear) -> bool:
 
 
 def gelu_linear(hidden: torch.Tensor, linear: nn.Linear, approximate: str = "none") -> torch.Tensor:
-    """``linear(F.gelu(hidden, approximate=approximate))``, bitwise; on CPU, backward keeps ``hidden``
-    only and recomputes the activation (:class:`_GeluLinear`). The GELU is applied as ``F.gelu``; a
-    caller that replaces an activation module by it checks that module's hooks
-    (:func:`has_module_hooks`)."""
+    """``linear(F.gelu(hidden))`` bitwise; on CPU backward keeps ``hidden`` only and recomputes the GELU."""
     if _gelu_linear_fits(hidden, linear) and _lean_on_cpu(hidden, linear.weight, linear.bias):
         return _GeluLinear.apply(hidden, linear.weight, linear.bias, approximate)
     return linear(F.gelu(hidden, approximate=approximate))
 
 
-#: Up to this many rows, a vocabulary-sized projection is computed as ``W @ x^T``: with a few rows the
-#: product is a pass over the (vocabulary x width) matrix, which that form streams row by row (about
-#: twice as fast on CPU as ``x @ W^T``; same dot products, rounding may differ in the last bit).
+#: Up to this many rows, a vocabulary projection runs as ``W @ x^T`` (~2x faster on CPU; last bit may differ).
 FEW_ROWS = 16
 
 
@@ -295,11 +246,7 @@ def _rows_times_table(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
 
 class _VocabularyProjection(torch.autograd.Function):
     """``F.linear`` over a vocabulary-sized weight with a fresh, contiguous weight gradient.
-
-    Autograd's own linear returns the weight gradient as a transposed view, which the gradient buffer of
-    a tied table (word embeddings, MLM decoder) cannot add into in place: every further contribution
-    then allocates another (vocabulary x width) tensor. The products are the ones autograd computes.
-    """
+    (Autograd's transposed-view gradient would make a tied table's buffer allocate per contribution.)"""
 
     @staticmethod
     def forward(ctx, rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -318,9 +265,7 @@ class _VocabularyProjection(torch.autograd.Function):
 
 def vocabulary_projection(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                           ) -> torch.Tensor:
-    """``F.linear(hidden, weight, bias)`` for a (vocabulary x width) ``weight``: faster for a few rows and
-    without extra full-size gradient buffers (see :class:`_VocabularyProjection`). Under autocast it is
-    plain ``F.linear``."""
+    """``F.linear`` for a (vocabulary x width) ``weight``: faster for few rows, no extra gradient buffers."""
     if torch.is_autocast_enabled(hidden.device.type):
         return F.linear(hidden, weight, bias)
     rows = hidden.reshape(-1, hidden.shape[-1])

@@ -1,9 +1,4 @@
-"""Vision Transformer image encoder (ViT-B/16 by default, as in the original SIMLA models).
-
-State-dict keys follow the original (timm 0.5 layout): ``cls_token``, ``pos_embed``, optional
-``mask_token``, ``patch_embed.proj.*``, ``blocks.{i}.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}.*``
-and ``norm.*``.
-"""
+"""Vision Transformer image encoder (ViT-B/16 by default); state-dict keys of the original (timm 0.5)."""
 
 from __future__ import annotations
 
@@ -49,10 +44,8 @@ class Attention(AttentionCapture, nn.Module):
 
 
 class LeanMlp(Mlp):
-    """timm's ``Mlp`` (same ``fc1``/``fc2`` parameters) whose ``fc2(gelu(...))`` is one
-    :func:`~models.lean_autograd.gelu_linear`: backward keeps the GELU input, not its output. That
-    applies with the GELU activation, no hidden norm and no active dropout between the two layers;
-    otherwise the computation is timm's. Same numbers either way."""
+    """timm's ``Mlp`` whose ``fc2(gelu(...))`` is one :func:`~models.lean_autograd.gelu_linear` when it
+    applies (GELU, no hidden norm or active dropout); same numbers either way."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -159,10 +152,8 @@ class VisionTransformer(nn.Module):
 
     def forward_plain_and_masked(self, x: torch.Tensor, masked_visual_token_pos: torch.Tensor
                                  ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(self(x), self(x, masked_visual_token_pos))`` with one patch embedding and one pass of the
-        blocks over both versions (a batch of 2B). Every block works per sample, so this is the same
-        computation, with larger matrix products. When the passes draw random numbers
-        (:meth:`draws_random_numbers`) they are run one after the other instead."""
+        """``(self(x), self(x, masked_visual_token_pos))`` as one batch of 2B (same computation); run one
+        after the other when the passes draw random numbers."""
         if self.draws_random_numbers():
             return self(x), self(x, masked_visual_token_pos)
         patches = self.patch_embed(x)
@@ -183,9 +174,7 @@ class VisionTransformer(nn.Module):
 
 
 def vit_from_config(config: Mapping[str, Any], mask_token: bool | None = None) -> VisionTransformer:
-    """Build the image encoder from a task config: ``image_res`` and the optional ``vision_width``,
-    ``vision_depth``, ``vision_heads``, ``patch_size``, ``vit_mask_token`` (the schema's defaults:
-    ViT-B/16 with a mask token, as the original)."""
+    """Build the image encoder from a task config (defaults: ViT-B/16 with a mask token)."""
     config = {**COMMON_OPTIONAL, **config}
     if mask_token is None:
         mask_token = bool(config["vit_mask_token"])

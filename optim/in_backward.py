@@ -1,19 +1,7 @@
 """Optimizer updates applied during the backward pass, so that gradients never all exist at once.
 
-A normal step keeps every parameter's gradient alive until ``optimizer.step()`` after backward: for the
-pretraining model that is one extra copy of all trainable weights at the memory peak. With
-:class:`StepInBackward` a parameter is updated as soon as autograd has finished accumulating its
-gradient (``register_post_accumulate_grad_hook``) and the gradient is freed right after; parameters
-are updated in buckets of about ``bucket_mb`` to keep the per-call overhead small.
-
-The update of each parameter is the one ``optimizer.step()`` would make: the optimizers allowed here
-(:data:`SUPPORTED`) update every parameter independently from its own gradient and state, with the
-hyper-parameters of its group, and the same kernel runs on fewer tensors per call. The optimizer object
-(state, ``param_groups``, ``state_dict()``) is the ordinary one, so checkpoints are unchanged.
-
-It cannot be combined with anything that needs all gradients before the update: distributed data
-parallel (gradients are averaged over processes after backward), fp16 loss scaling (the scaler checks
-every gradient for inf/NaN first), gradient clipping or accumulation.
+Each parameter is updated (bucketed) as soon as its gradient is accumulated, with the same update and
+an ordinary optimizer object. Incompatible with DDP, fp16 loss scaling, gradient clipping/accumulation.
 """
 
 from __future__ import annotations
@@ -28,18 +16,7 @@ SUPPORTED: tuple[type[torch.optim.Optimizer], ...] = (torch.optim.AdamW, torch.o
 
 
 class StepInBackward:
-    """Hooks that apply ``optimizer``'s update to each parameter while backward runs (see module doc).
-
-    Use::
-
-        stepper = StepInBackward(optimizer)
-        with stepper.active():
-            loss.backward()          # parameters are updated here, their gradients freed
-        ...
-        stepper.remove()             # detach the hooks when training is over
-
-    Outside :meth:`active` the hooks do nothing and gradients accumulate as usual.
-    """
+    """Hooks that apply ``optimizer``'s update during backward inside :meth:`active`; else no-ops."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, bucket_mb: float = 16.0) -> None:
         if type(optimizer) not in SUPPORTED:

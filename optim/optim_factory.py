@@ -1,28 +1,9 @@
 """Optimizer factory driven by the ``optimizer:`` section of a SIMLA config.
 
-The parameter grouping reproduces the original SIMLA code exactly:
-
-* parameters with ``requires_grad=False`` (momentum encoders, a frozen ViT) are left out;
-* group 0 holds the parameters that get no weight decay: every 1-D tensor, every parameter whose name
-  ends in ``.bias`` and every name returned by ``model.no_weight_decay()`` when the *top-level* module
-  defines that method (a wrapped ViT's own list is never consulted);
-* group 1 holds every other parameter with the configured ``weight_decay``. Tensors of any other rank
-  are decayed, including 0-D scalars such as ``temp`` and 3-D tokens such as ``pos_embed``;
-* both groups keep ``named_parameters()`` order and list a shared (tied) parameter once;
-* with ``weight_decay == 0`` all trainable parameters form a single group.
-
-The optimizer itself is chosen by the last ``_``-separated part of ``opt`` (lower-cased); a
-``lookahead_`` prefix wraps the result in :class:`timm.optim.Lookahead`. ``adamw`` (what every shipped
-config uses) is :class:`torch.optim.AdamW` with betas ``(0.9, 0.999)``, eps ``1e-8`` and no amsgrad.
-
-``adam``/``adamw`` run PyTorch's fused kernel (``fused=True``) when every parameter is a floating-point
-CPU or CUDA tensor: one pass over each tensor instead of a chain of element-wise operations and their
-full-size temporaries. It computes the same update (it differs from the for-loop implementation in the
-last bit of a few parameters). The choice of kernel is not part of a checkpoint: ``state_dict()`` is
-written exactly as the default implementation writes it (``fused: None``, CPU ``step`` tensors) and
-``load_state_dict()`` keeps the kernel chosen here, so original checkpoints resume and ours load into
-an unfused optimizer. ``opt_args: {fused: false}`` (or any ``fused``/``foreach`` value) overrides the
-choice.
+Parameter groups match the original: trainable only; group 0 (no decay) = 1-D, ``.bias`` and the top-level
+``model.no_weight_decay()`` names; group 1 = the rest; one group when ``weight_decay == 0``.
+``adam``/``adamw`` use the fused kernel where possible (last-bit differences); checkpoints are written as
+the default implementation writes them. ``opt_args: {fused: false}`` overrides the choice.
 """
 
 from __future__ import annotations
@@ -43,10 +24,7 @@ __all__ = [
     "param_groups_weight_decay",
 ]
 
-# Name accepted in ``opt`` -> (timm 1.x registry name, extra keyword arguments).
-# ``nadam``/``radam`` select timm's legacy implementations, which are the ones the original code used.
-# The original ``novograd`` class no longer exists in timm 1.x; both novograd names use NvNovoGrad.
-# ``fused*`` names need NVIDIA apex, exactly like the original.
+# Name accepted in ``opt`` -> (timm 1.x registry name, extra keyword arguments); ``fused*`` need apex.
 _OPTIMIZERS: dict[str, tuple[str, dict[str, Any]]] = {
     "sgd": ("sgd", {}),
     "nesterov": ("sgd", {}),
@@ -85,12 +63,7 @@ def param_groups_weight_decay(
     weight_decay: float,
     skip_list: Iterable[str] = (),
 ) -> list[dict[str, Any]]:
-    """Split ``model``'s trainable parameters into ``[no_decay_group, decay_group]`` like the original.
-
-    A parameter goes to the no-decay group (index 0, ``weight_decay=0.0``) when it is 1-D, when its
-    name ends in ``.bias`` or when its name is in ``skip_list``; every other trainable parameter goes to
-    the decay group (index 1). Both groups are always returned, even if one is empty.
-    """
+    """Split trainable parameters into ``[no_decay_group, decay_group]`` (both always returned)."""
     skip = set(skip_list)
     no_decay: list[nn.Parameter] = []
     decay: list[nn.Parameter] = []
@@ -121,19 +94,13 @@ def _fused_supported(params: Any) -> bool:
 
 
 def keep_default_checkpoint_format(optimizer: torch.optim.Optimizer) -> None:
-    """Make a fused optimizer's checkpoints identical to those of the default implementation.
-
-    ``state_dict()`` reports ``fused: None`` and CPU ``step`` tensors (what the for-loop kernel writes);
-    ``load_state_dict()`` restores this optimizer's own kernel flags, which a loaded checkpoint would
-    otherwise overwrite with its own (``None`` in every original checkpoint, i.e. the slow kernel), and
-    moves ``step`` next to its parameter as the fused kernel requires.
-    """
+    """Make a fused optimizer's checkpoints identical to the default implementation's; loading keeps
+    this optimizer's kernel flags and moves ``step`` next to its parameter."""
     chosen = [{key: group.get(key) for key in ("fused", "foreach")} for group in optimizer.param_groups]
 
     def on_save(_: torch.optim.Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
         for group in state_dict["param_groups"]:
             group["fused"] = None
-        # the per-parameter dicts are the live state: replace them, never modify them
         state_dict["state"] = {
             key: {name: (value.cpu() if name == "step" and isinstance(value, torch.Tensor) else value)
                   for name, value in entry.items()}
@@ -172,13 +139,7 @@ def _parse_name(opt: str) -> tuple[str, bool]:
 
 
 def create_optimizer(opt_config: Mapping[str, Any] | Any, model: nn.Module) -> torch.optim.Optimizer:
-    """Build the optimizer described by an ``optimizer:`` config section for ``model``.
-
-    ``opt_config`` keys: ``opt`` (case-insensitive, e.g. ``adamW``), ``lr``, ``weight_decay``; optional
-    ``opt_eps`` (-> ``eps``), ``opt_betas`` (-> ``betas``), ``opt_args`` (extra keyword arguments) and
-    ``momentum`` (SGD/RMSprop-type optimizers, default 0.9). ``model`` may be wrapped in
-    ``DistributedDataParallel`` (parameter names then start with ``module.``).
-    """
+    """Build the optimizer described by an ``optimizer:`` config section for ``model`` (may be DDP)."""
     cfg = section_values(opt_config, "optimizer")
     base, use_lookahead = _parse_name(str(cfg["opt"]))
     lr = cfg["lr"]
@@ -202,7 +163,6 @@ def create_optimizer(opt_config: Mapping[str, Any] | Any, model: nn.Module) -> t
     if cfg["opt_args"] is not None:
         kwargs.update(dict(cfg["opt_args"]))
     if base == "adafactor" and not lr:
-        # The original lets Adafactor pick its own relative step size when lr is 0/unset.
         lr = None
     momentum = float(cfg["momentum"])
 

@@ -39,22 +39,10 @@ def _noise_range(lr_noise: Any, num_epochs: int) -> float | list[float] | None:
 def create_scheduler(
     sched_config: Mapping[str, Any] | Any, optimizer: torch.optim.Optimizer
 ) -> tuple[Scheduler, int]:
-    """Build the LR scheduler described by a ``schedular:`` config section.
+    """Build the LR scheduler described by a ``schedular:`` config section (as the original).
 
-    Keys: ``sched`` (``cosine``/``tanh``/``step``/``plateau``), ``epochs``, ``min_lr``, ``decay_rate``,
-    ``warmup_lr``, ``warmup_epochs``, ``cooldown_epochs`` (cosine/tanh); ``decay_epochs`` (step);
-    ``patience_epochs`` and optional ``eval_metric`` (plateau); optional ``lr_noise``,
-    ``lr_noise_pct`` (0.67), ``lr_noise_std`` (1.0), ``seed`` (42), ``lr_cycle_mul`` (1.0),
-    ``lr_cycle_limit`` (1). The section's ``lr`` key is ignored, as in the original: the peak LR is
-    the optimizer's LR.
-
-    Returns ``(scheduler, num_epochs)``: for cosine/tanh ``num_epochs`` is the length of the
-    scheduled cycles plus ``cooldown_epochs`` (``epochs + cooldown_epochs`` for the shipped
-    single-cycle configs), for step/plateau it is ``epochs``. The training scripts ignore it.
-
-    The cosine schedule is the original's: ``t_initial=epochs``, ``warmup_t=warmup_epochs``,
-    ``warmup_prefix=True``, ``t_in_epochs=True``. Right after construction every param group's LR is
-    ``warmup_lr`` (when ``warmup_epochs > 0``) and carries ``initial_lr`` = the optimizer LR.
+    Returns ``(scheduler, num_epochs)`` (ignored by the scripts); the section's ``lr`` is ignored: the peak
+    LR is the optimizer's. After construction every group's LR is ``warmup_lr`` (when warming up).
     """
     sched = str(section_values(sched_config, "schedular")["sched"]).lower()
     if sched not in SCHEDULER_NAMES:

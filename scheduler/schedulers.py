@@ -1,15 +1,6 @@
 """The LR schedulers the original accepts (``cosine``, ``tanh``, ``step``, ``plateau``) over timm 1.x's.
 
-They keep two properties of the original SIMLA code:
-
-* ``state_dict()`` returns exactly the keys, in exactly the order, that the original schedulers wrote
-  into checkpoints (every instance attribute except the optimizer), so checkpoints move freely between
-  this code and the original;
-* ``load_state_dict()`` accepts that format as well as timm 1.x's (``cycle_mul`` for ``t_mul``,
-  ``cycle_decay`` for ``decay_rate``).
-
-LR noise is drawn as the original draws it. The constructors are timm's (the factory passes timm's
-argument names).
+``state_dict()`` writes the original's keys and order; ``load_state_dict()`` also reads timm 1.x's.
 """
 
 from __future__ import annotations
@@ -67,8 +58,7 @@ class OriginalStateMixin(OriginalNoiseMixin):
 
 
 def cycle_position(t: float, t_initial: int, t_mul: float) -> tuple[int, float, float]:
-    """``(cycle index, cycle length, time inside the cycle)`` for time ``t`` after warm-up; cycle ``i``
-    lasts ``t_initial * t_mul**i`` steps."""
+    """``(cycle index, cycle length, time inside the cycle)`` for time ``t`` after warm-up."""
     if t_mul == 1:
         i = int(t // t_initial)
         return i, t_initial, t - t_initial * i
@@ -125,7 +115,6 @@ class CosineLRScheduler(CycleMixin, timm_scheduler.CosineLRScheduler):
     state_keys = BASE_STATE_KEYS + _CYCLE_KEYS
 
     def shape(self, t_curr: float, t_i: float) -> float:
-        # k_decay is a timm 1.x extension (1 unless loaded from a timm 1.x state dict)
         return 1 + math.cos(math.pi * t_curr**self.k_decay / t_i**self.k_decay)
 
 

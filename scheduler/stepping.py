@@ -1,23 +1,8 @@
-"""When the training scripts step the LR scheduler.
+"""When the training scripts step the LR scheduler, as the original SIMLA scripts do.
 
-The original SIMLA scripts drive the epoch-based scheduler with two kinds of calls:
-
-* **warm-up inside epoch 0** (:func:`warmup_step`): after ``optimizer.step()`` of iteration ``i``
-  (0-based) of epoch 0, if ``i % step_size == 0`` and ``i <= warmup_epochs * step_size``, they call
-  ``scheduler.step(i // step_size)``. So a "warm-up epoch" is really ``step_size`` (100) iterations,
-  and the LR set after iteration ``i`` applies from iteration ``i + 1``. If epoch 0 is shorter than
-  ``warmup_epochs * step_size`` iterations the warm-up never reaches the peak LR.
-* **once per epoch**, in one of two equivalent placements:
-
-  - :func:`epoch_start_step` (Pretrain, VQA, Pretrain_NLVR): at the top of epoch ``e > 0``,
-    ``scheduler.step(e + warmup_epochs)``;
-  - :func:`epoch_end_step` (Retrieval, zero-shot retrieval, Grounding, NLVR, VE): after the
-    evaluation of epoch ``e``, ``scheduler.step(e + warmup_epochs + 1)``.
-
-  Either way epoch ``e >= 1`` of a cosine schedule runs at
-  ``min_lr + 0.5 * (lr - min_lr) * (1 + cos(pi * e / epochs))``.
-
-``warmup_epochs`` is the ``schedular.warmup_epochs`` config value.
+Warm-up in epoch 0 (:func:`warmup_step`): ``step(i // step_size)`` every ``step_size`` iterations.
+Per epoch: :func:`epoch_start_step` (``step(e + warmup_epochs)`` at the top of epoch ``e > 0``) or
+:func:`epoch_end_step` (``step(e + warmup_epochs + 1)`` after epoch ``e``'s evaluation), equivalent.
 """
 
 from __future__ import annotations

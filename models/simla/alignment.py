@@ -60,13 +60,7 @@ def itm_loss(model: Any, positive_cls: torch.Tensor, ita: ITA,
              fuse_negatives: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
              same_image: torch.Tensor | None = None) -> ITM:
     """ITM over ``B`` positives and ``2B`` hard negatives; ``positive_cls`` are the fused [CLS] states of
-    the pairs ``(b, b)``.
-
-    Negatives are drawn by ``model.sample_itm_negatives`` from the in-batch ITA similarities, excluding
-    the diagonal (or the pairs of ``same_image``). ``fuse_negatives(neg_image_idx, neg_text_idx)``
-    returns the fused [CLS] states of each text with its negative image, then of each image with its
-    negative text.
-    """
+    the pairs ``(b, b)``; ``fuse_negatives`` fuses (text, negative image) then (image, negative text)."""
     batch = positive_cls.shape[0]
     with torch.no_grad():
         weights_i2t = F.softmax(ita.sim_i2t[:, :batch].float(), dim=1)

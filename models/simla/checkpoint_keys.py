@@ -9,13 +9,10 @@ from typing import Any, TypeVar
 
 V = TypeVar("V")
 
-#: ViT entries only masked-image pretraining uses. Whether a checkpoint holds them depends on the
-#: ``vit_mask_token`` setting of the model that wrote it, so every load lets them be missing or unexpected.
+#: ViT entries only masked-image pretraining uses; always allowed missing or unexpected.
 MASK_TOKEN_KEYS: tuple[str, ...] = ("visual_encoder.mask_token", "visual_encoder_m.mask_token")
 
-#: Entries of a SIMLA pretraining checkpoint that fine-tuning models do not build (glob patterns): the
-#: ITM, MIM and concept heads, the contrastive projections, temperature and feature queues, and the
-#: masked-LM heads of the text encoders. A model that has one of them loads it; the others are ignored.
+#: Pretraining checkpoint entries that fine-tuning models do not build (ignored unless built).
 PRETRAINING_ONLY_KEYS: tuple[str, ...] = (
     "itm_head.*", "mim_head.*", "mim_head_m.*", "concept_head.*", "concept_head_m.*",
     "vision_proj.*", "vision_proj_m.*", "text_proj.*", "text_proj_m.*", "temp",
@@ -47,11 +44,8 @@ def strip_bert_prefix(state_dict: Mapping[str, V]) -> dict[str, V]:
 class FilteredState:
     """A checkpoint's ``model`` state mapped onto a model, and how it may differ from the model.
 
-    ``missing`` matches model keys the state may lack (modules the task adds, left as built) and
-    ``unexpected`` state keys the model may have no place for; both are glob patterns (``*`` also spans
-    dots). ``source`` names the checkpoint the model expects, for messages. ``strict`` loads without
-    those allowances (every key must match). ``renamed`` (``{new: old}``) is set by filters that map
-    keys, ``dropped`` lists entries discarded before loading, ``after_load`` runs once the state is in.
+    ``missing``/``unexpected``: glob patterns (``*`` spans dots) of allowed differences; ``strict`` allows
+    none. ``renamed`` is ``{new: old}``; ``after_load`` runs once the state is in.
     """
 
     state_dict: dict[str, Any]

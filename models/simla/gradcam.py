@@ -1,24 +1,8 @@
 """Grad-CAM maps of the retrieval model, used by ``Grounding.py`` to rank detector boxes.
 
-Two modes, as in the original SIMLA code:
-
-- ``itm``: the cross-attention probabilities of text-encoder layer ``block_num`` (queries: text
-  tokens, keys: the image CLS and patch tokens), times their gradient clamped at 0 with respect to
-  the summed ITM "match" logits. Both factors are zeroed at padded text positions; the product is
-  averaged over heads and then over *all* text positions, padding included (so padding only scales
-  the map down, as in the original).
-- ``itc``: the self-attention of ViT block ``block_num`` for the CLS query, times its gradient clamped
-  at 0 with respect to ``sum_b image_feat_b . text_feat_b / temp`` (the unclamped ``temp``), averaged
-  over heads.
-
-The image CLS key is dropped and the patch columns are laid out on the ViT's patch grid
-(``image_res / patch_size`` per side); the number of heads is read from the attention tensor, so
-any ViT / BERT size works (the original hard-codes 12 heads and a 24x24 grid, i.e. ViT-B/16 at 384 px).
-Maps are not normalised.
-
-Only the gradient at the captured attention probabilities is computed (``torch.autograd.grad``); the
-original back-propagates into every parameter, which gives the same map. The parameters' ``.grad``
-are left untouched.
+``itm``: text-encoder cross-attention times its clamped gradient of the ITM logits, averaged over heads
+and all text positions (padding included, as the original). ``itc``: ViT CLS self-attention times its
+clamped gradient of the similarity. Maps are unnormalised, on the patch grid; ``.grad`` is untouched.
 """
 
 from __future__ import annotations
@@ -116,7 +100,6 @@ def itc_gradcam(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tenso
         with autocast(image.device, amp):
             image_embeds = model.visual_encoder(image, register_blk=block_num)
             image_feat = F.normalize(model.vision_proj(image_embeds[:, 0, :]), dim=-1)
-        # the diagonal of image_feat @ text_feat.T / temp, with temp as stored (not clamped)
         loss = ((image_feat.float() * text_feat.float()).sum(-1) / model.temp).sum()
         cams = attn.get_attention_map()
         if cams is None:

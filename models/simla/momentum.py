@@ -1,10 +1,6 @@
 """Momentum (EMA) encoders and feature queues, shared by every distilling SIMLA model.
 
-A model lists ``(online, momentum)`` module pairs; ``copy_params`` makes the momentum side a frozen
-copy, ``momentum_update`` moves it towards the online weights after every optimizer step (inside the
-forward, before the momentum features are computed, as the original). Queues are registered as
-buffers on the model itself so their state_dict keys (``image_queue``, ``text_queue``, ``queue_ptr``,
-``idx_queue``) match the original checkpoints.
+Queues are buffers on the model itself, so their state_dict keys match the original checkpoints.
 """
 
 from __future__ import annotations
@@ -55,9 +51,7 @@ class MomentumMixin:
 
     @torch.no_grad()
     def _momentum_update(self) -> None:
-        """``p_m <- m * p_m + (1 - m) * p`` for every pair, as one multi-tensor ``lerp`` (``p_m + (1 - m)
-        (p - p_m)``: one pass over the weights instead of two; the rounding differs from the two-step
-        form in the last bit, and is the closer of the two to the exact value)."""
+        """``p_m <- m * p_m + (1 - m) * p`` as one multi-tensor ``lerp`` (last-bit rounding differs)."""
         online, momentum = _pair_params(self.model_pairs)
         online = [p.data for p in online]
         momentum = [p.data for p in momentum]

@@ -1,13 +1,7 @@
 """SIMLA for NLVR2: a statement is judged true or false of a pair of images.
 
-The text encoder is the ``xbert`` layout of :mod:`models.bert` with ``fusion_layer`` 0 and 18 layers
-(the original SIMLA code): every layer cross-attends, alternating between image 0 (even layers) and
-image 1 (odd layers), and from layer 6 on, each pair of layers (6,7), (8,9), ..., (16,17) shares its
-cross-attention key and value projections, so both layers of a pair read their image through the
-same keys and values. The depth and the first shared layer are config keys (``nlvr_num_layers`` 18,
-``nlvr_split_layer`` 6) so smaller models can use the same layout.
-
-Config keys: the ``nlvr`` task's in :mod:`configs.schema`, whose defaults fill the absent ones.
+``xbert`` text encoder with every layer cross-attending, alternating image 0/1; from ``nlvr_split_layer``
+(6) on, layer pairs share cross-attention key/value projections (``nlvr_num_layers`` 18).
 """
 
 from __future__ import annotations
@@ -23,21 +17,14 @@ from models.bert import BertModel, load_bert_config, load_pretrained_bert, pretr
 from models.simla.checkpoint_keys import FilteredState
 from models.simla.classifier import DistilledClassifier
 
-#: ``NLVR.py`` starting from a ``Pretrain_NLVR.py`` checkpoint (glob patterns over state_dict keys):
-#: model entries it may lack (the classifiers, and the momentum models, which ``copy_params`` fills
-#: from the online ones) and its entries the NLVR model has no place for (the text-assignment head,
-#: the contrastive projections and temperature).
+#: ``NLVR.py`` from a ``Pretrain_NLVR.py`` checkpoint: entries it may lack / may not use.
 PRETRAIN_NLVR_CHECKPOINT_MISSING: tuple[str, ...] = ("cls_head.*", "cls_head_m.*", "visual_encoder_m.*",
                                                      "text_encoder_m.*")
 PRETRAIN_NLVR_CHECKPOINT_UNEXPECTED: tuple[str, ...] = ("ta_head.*", "vision_proj.*", "text_proj.*", "temp")
 
 
 def nlvr_layout(config: Mapping[str, Any]) -> tuple[int, int]:
-    """``(num_layers, split_layer)`` of the NLVR text encoder, checked for consistency.
-
-    Layers ``[split_layer, num_layers)`` come in cross-attention-sharing pairs, so their count must be
-    even; the original uses 18 and 6.
-    """
+    """``(num_layers, split_layer)`` of the NLVR text encoder; the shared layers' count must be even."""
     num_layers = int(config["nlvr_num_layers"])
     split = int(config["nlvr_split_layer"])
     if num_layers < 1 or not 0 <= split <= num_layers:
@@ -50,12 +37,9 @@ def nlvr_layout(config: Mapping[str, Any]) -> tuple[int, int]:
 
 
 def share_cross_attention(encoder: nn.Module, split_layer: int) -> None:
-    """Make layers ``(n, n+1)`` for ``n = split_layer, split_layer+2, ...`` share one cross-attention
-    key and one value projection (weights and biases).
+    """Make layers ``(n, n+1)`` from ``split_layer`` on share cross-attention key/value projections.
 
-    As in the original, layer ``n`` takes over layer ``n+1``'s tensors: the state_dict keeps both
-    names (one tensor), while ``named_parameters()`` lists each shared tensor once, under layer ``n``.
-    Queries and output projections stay separate.
+    Layer ``n`` takes over ``n+1``'s tensors: the state_dict keeps both names, ``named_parameters()`` one.
     """
     layers = encoder.layer
     if (len(layers) - split_layer) % 2:
@@ -73,11 +57,7 @@ def share_cross_attention(encoder: nn.Module, split_layer: int) -> None:
 
 
 def build_nlvr_text_encoder(config: Mapping[str, Any], pretrained: str | None = None) -> BertModel:
-    """The NLVR BERT: ``xbert`` layout, every layer cross-attending, shared key/value pairs.
-
-    ``pretrained`` (a Hugging Face BERT name or folder) initialises the layers it has (0-11 for
-    BERT-base); the others keep the BERT initialisation.
-    """
+    """The NLVR BERT; ``pretrained`` initialises the layers it has, the others keep BERT initialisation."""
     num_layers, split = nlvr_layout(config)
     bert_config = load_bert_config(config["bert_config"], num_hidden_layers=num_layers, fusion_layer=0)
     encoder = BertModel(bert_config, add_pooling_layer=False, layout="xbert")
@@ -126,11 +106,9 @@ SIMLA = SIMLANLVR
 
 
 def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: SIMLANLVR, own: bool = False) -> FilteredState:
-    """A ``Pretrain_NLVR.py`` (or ``NLVR.py``) checkpoint, loaded as it is (``own`` changes nothing).
+    """A ``Pretrain_NLVR.py`` (or ``NLVR.py``) checkpoint, loaded as it is.
 
-    As in the original, the momentum models are made copies of the freshly built online models before
-    loading, so momentum weights the checkpoint lacks keep those values; ``copy_momentum_after_load``
-    copies the loaded weights instead.
+    Momentum models are copied from the online ones before loading (``copy_momentum_after_load``: after).
     """
     del own
     if not model.copy_momentum_after_load:

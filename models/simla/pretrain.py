@@ -1,7 +1,4 @@
-"""SIMLA pretraining model: ITA, ITM, MLM, cross-modal MIM and keyword pseudo-label supervision.
-
-Config keys: the ``pretrain`` task's in :mod:`configs.schema`, whose defaults fill the absent ones.
-"""
+"""SIMLA pretraining model: ITA, ITM, MLM, cross-modal MIM and keyword pseudo-label supervision."""
 
 from __future__ import annotations
 
@@ -28,11 +25,7 @@ PAD_ID, CLS_ID, MASK_ID = 0, 101, 103
 def mask_tokens(input_ids: torch.Tensor, vocab_size: int, mlm_probability: float, pad_token_id: int = PAD_ID,
                 cls_token_id: int = CLS_ID, mask_token_id: int = MASK_ID,
                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """BERT masking as the original: 15% of non-[PAD]/[CLS] tokens, of which 80% [MASK], 10% random.
-
-    Draws come from the CPU generator in the original order (bernoulli p, bernoulli 0.8, bernoulli
-    0.5, randint), so a seeded CPU run reproduces the original masks exactly.
-    """
+    """BERT masking as the original, same CPU generator draws in the same order (seeded runs reproduce)."""
     device = input_ids.device
     ids = input_ids.clone().cpu()
     labels = ids.clone()
@@ -64,7 +57,6 @@ class SIMLAPretrain(MomentumMixin, nn.Module):
         self.pad_token_id = int(getattr(tokenizer, "pad_token_id", PAD_ID))
         self.mask_token_id = int(getattr(tokenizer, "mask_token_id", MASK_ID))
         self.mlm_probability = float(config["mlm_probability"])
-        # a batch in which the 15 % draw masks no token: MLM loss zero (counted), or the original's NaN
         self.mlm_empty_mask_nan = bool(config["mlm_empty_mask_nan"])
         self._empty_mlm_steps: torch.Tensor | None = None
         embed_dim = int(config["embed_dim"])
@@ -110,12 +102,7 @@ class SIMLAPretrain(MomentumMixin, nn.Module):
         self.psl_num_keywords = int(config["psl_num_keywords"])
         if config["grad_checkpointing"]:
             self.set_grad_checkpointing(True)
-        # Exact reformulations of the step (same values, same random draws, gradients equal up to float
-        # summation order), attributes so that a test can compare them with the plain computation:
-        # one word-table lookup of the caption for every online pass over it (the table then gets one
-        # (vocabulary x width) gradient from it instead of one per pass); one projection of the image
-        # features to cross-attention keys/values for the online fusion passes (CrossKeyValues); the
-        # plain and masked ViT passes of each encoder as one batch (forward_plain_and_masked).
+        # Exact reformulations of the step (attributes so a test can compare with the plain code).
         self.share_word_lookup = True
         self.share_image_kv = True
         self.pair_vit_passes = True
@@ -125,13 +112,11 @@ class SIMLAPretrain(MomentumMixin, nn.Module):
         self.text_encoder.set_grad_checkpointing(enable)
 
     def _count_empty_mlm(self, selected: torch.Tensor) -> None:
-        # kept on the device (no synchronisation); read once per epoch by epoch_counters()
         empty = (~selected.any()).long()
         self._empty_mlm_steps = empty if self._empty_mlm_steps is None else self._empty_mlm_steps + empty
 
     def epoch_counters(self) -> dict[str, torch.Tensor]:
-        """Counts since the last call, for the epoch's log: ``mlm_empty_steps``, steps whose batch had no
-        masked token."""
+        """Counts since the last call: ``mlm_empty_steps``, steps whose batch had no masked token."""
         empty = self._empty_mlm_steps
         self._empty_mlm_steps = None
         return {"mlm_empty_steps": torch.zeros((), dtype=torch.long) if empty is None else empty}
@@ -154,18 +139,15 @@ class SIMLAPretrain(MomentumMixin, nn.Module):
                 return_intermediates: bool = False):
         """Returns ``(loss_mlm, loss_ita, loss_itm, loss_mim, loss_pseudolabels)``.
 
-        ``text`` carries ``input_ids`` and ``attention_mask`` (B, L); ``masked_visual_token_pos`` is a
-        (B, N) bool mask of the patches replaced by the mask token and ``masked_visual_tok_labels`` the
-        d-VAE codes at those patches (row-major). ``visual_token_ids`` is accepted for the original's
-        call signature and not used.
+        ``masked_visual_token_pos`` (B, N) bool; ``masked_visual_tok_labels`` its d-VAE codes (row-major);
+        ``visual_token_ids`` is unused.
         """
         ids, text_mask = text.input_ids, text.attention_mask
         inter: dict[str, Any] = {}
         with torch.no_grad():
             self.temp.clamp_(0.001, 0.5)
 
-        # the plain and the masked (MIM) ViT passes as one batch when that draws no random numbers (always,
-        # with the ViT this model builds); otherwise the masked pass runs at its original place, below
+        # plain and masked ViT passes as one batch when that draws no random numbers
         pair_vit = self.pair_vit_passes and not (self.visual_encoder.draws_random_numbers()
                                                  or self.visual_encoder_m.draws_random_numbers())
         if pair_vit:
@@ -199,8 +181,7 @@ class SIMLAPretrain(MomentumMixin, nn.Module):
                          sim_i2t_targets=ita.sim_i2t_targets, sim_t2i_targets=ita.sim_t2i_targets)
 
         # ---- ITM with hard negatives
-        # the online fusion passes (ITM positives, negatives, MLM) all attend to rows of image_embeds
-        # through the same projections: project them once (exact, see CrossKeyValues)
+        # the online fusion passes share one projection of image_embeds (exact, see CrossKeyValues)
         image_kv = self.text_encoder.bert.cross_key_values(image_embeds) if self.share_image_kv else None
         output_pos = self.text_encoder.bert(**caption, attention_mask=text_mask, encoder_hidden_states=image_embeds,
                                             encoder_attention_mask=image_atts, mode="multimodal",
@@ -208,7 +189,6 @@ class SIMLAPretrain(MomentumMixin, nn.Module):
         batch = image.shape[0]
 
         def fuse_negatives(neg_image_idx: torch.Tensor, neg_text_idx: torch.Tensor) -> torch.Tensor:
-            # rows: each text with its hard-negative image, then each image with its hard-negative text
             image_rows = torch.cat([neg_image_idx, torch.arange(batch, device=neg_image_idx.device)])
             if image_kv is None:
                 neg_states, neg_kv = image_embeds[image_rows], None
@@ -234,7 +214,6 @@ class SIMLAPretrain(MomentumMixin, nn.Module):
         with torch.no_grad():
             hidden_m = self.text_encoder_m.bert(mlm_ids, attention_mask=text_mask, encoder_hidden_states=image_embeds_m,
                                                 encoder_attention_mask=image_atts, mode="multimodal").last_hidden_state
-            # the teacher's distribution is only read at the masked positions
             soft_labels_mlm = F.softmax(self.text_encoder_m.cls(hidden_m[selected]), dim=-1)
         loss_mlm = self.text_encoder(mlm_ids, attention_mask=text_mask, encoder_hidden_states=image_embeds,
                                      encoder_attention_mask=image_atts, labels=mlm_labels,
@@ -253,7 +232,6 @@ class SIMLAPretrain(MomentumMixin, nn.Module):
             cross_m = self.text_encoder_m.bert(inputs_embeds=masked_embeds_m, attention_mask=image_atts,
                                                encoder_hidden_states=self.text_encoder.bert.embeddings(**caption),
                                                encoder_attention_mask=text_mask)
-            # both MIM terms only read the masked patches: the heads run on those rows alone
             soft_labels_mim = F.softmax(self.mim_head_m(cross_m.last_hidden_state[:, 1:][masked_pos]), dim=-1)
         if not pair_vit:
             masked_embeds = self.visual_encoder(image, masked_visual_token_pos)

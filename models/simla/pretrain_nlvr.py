@@ -1,15 +1,7 @@
 """Text-assignment pretraining of the two-image NLVR model (``Pretrain_NLVR.py``).
 
-Each caption of a batch is shown two images taken from the batch and a 3-way head predicts where
-its own image is: in slot 0 (class 0), in slot 1 (class 1) or in neither (class 2). With probability
-2/3 one image is the caption's own and the other a similar image of the batch (each slot with
-probability 1/2); otherwise both are similar images. "Similar" means drawn from
-``softmax(f f^T / 0.07)`` over the batch's normalised ``vision_proj`` features, own image excluded.
-
-``vision_proj`` is only used without gradient and ``text_proj`` and ``temp`` are never used; they
-exist because the original model has them (their keys are in its checkpoints).
-
-Config keys: the ``nlvr_pretrain`` task's in :mod:`configs.schema`, whose defaults fill the absent ones.
+A 3-way head predicts whether a caption's own image is in slot 0, slot 1 or neither (class 2); the other
+images are drawn from the batch by ``vision_proj`` similarity. ``text_proj``/``temp`` exist only for keys.
 """
 
 from __future__ import annotations
@@ -30,9 +22,7 @@ from models.vit import vit_from_config
 
 PAIRING_TEMPERATURE = 0.07  # a constant in the original, not the ``temp`` parameter
 
-#: ``Pretrain_NLVR.py`` starting from a pretraining checkpoint: model entries the checkpoint may lack
-#: (glob patterns over state_dict keys): the text-assignment head and the token-type embeddings of the
-#: two-image encoder, both left as built.
+#: ``Pretrain_NLVR.py`` from a pretraining checkpoint: entries the checkpoint may lack.
 PRETRAIN_CHECKPOINT_MISSING: tuple[str, ...] = ("ta_head.*",
                                                 "text_encoder.embeddings.token_type_embeddings.*")
 
@@ -40,10 +30,7 @@ PRETRAIN_CHECKPOINT_MISSING: tuple[str, ...] = ("ta_head.*",
 def pair_images(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Draw the image pair and class of every caption from the (B, B) similarity weights.
 
-    Returns ``(index_slot0, index_slot1, labels)``, each ``(B,)`` long on ``weights``' device. The
-    draws come from the global CPU generator in the original's order: per caption ``rand(1)``; if it
-    exceeds 1/3, one ``multinomial(w[b], 1)`` and another ``rand(1)`` (> 0.5: own image in slot 0,
-    class 0; else slot 1, class 1); otherwise ``multinomial(w[b], 2)`` without replacement (class 2).
+    Returns ``(index_slot0, index_slot1, labels)``, each ``(B,)``; CPU generator draws in the original order.
     """
     batch = weights.shape[0]
     if batch < 3:
@@ -110,8 +97,7 @@ class SIMLANLVRPretrain(nn.Module):
         return pair_images(weights)
 
     def forward(self, image: torch.Tensor, text: Any, return_intermediates: bool = False):
-        """Cross-entropy of the 3-way assignment head; with ``return_intermediates`` also a dict with
-        ``logits``, ``labels``, the slot indices and the ``sampling_weights``."""
+        """Cross-entropy of the 3-way head; ``return_intermediates`` also returns logits, labels, indices."""
         image_embeds = self.visual_encoder(image)
         image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image.device)
         weights = self.pairing_weights(image_embeds)
@@ -137,12 +123,8 @@ def pretrain_to_nlvr_state_dict(state_dict: Mapping[str, torch.Tensor], num_laye
                                 split_layer: int = 6) -> dict[str, torch.Tensor]:
     """Map a pretraining checkpoint onto the two-image model, as ``Pretrain_NLVR.py`` does.
 
-    Every key loses each ``bert.``; of the renamed keys, text-encoder layers below ``split_layer``
-    keep their index and layer ``L >= split_layer`` is copied to layers ``2(L - split) + split`` and
-    ``2(L - split) + split + 1`` (6 -> 6,7; 7 -> 8,9; ...; 11 -> 16,17 for the original). Other
-    keys are kept unchanged (the caller loads non-strictly, so the pretraining heads and momentum
-    models are reported as unexpected). Raises ``ValueError`` if the checkpoint's text encoder
-    depth does not produce ``num_layers`` layers.
+    Layer ``L >= split_layer`` is copied to layers ``2(L - split) + split`` and the next one; ``ValueError``
+    if that does not give ``num_layers`` layers.
     """
     mapped: dict[str, torch.Tensor] = {}
     source_depth = 0
@@ -173,9 +155,7 @@ def pretrain_to_nlvr_state_dict(state_dict: Mapping[str, torch.Tensor], num_laye
 
 
 def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: SIMLANLVRPretrain, own: bool = False) -> FilteredState:
-    """``own`` (``--resume``): a checkpoint of this model, every key matching. Otherwise a pretraining
-    checkpoint with the layer duplication of :func:`pretrain_to_nlvr_state_dict`: only the assignment head
-    and the token-type embeddings may be missing, only pretraining-only entries extra."""
+    """``own``: a checkpoint of this model; otherwise a pretraining checkpoint with layer duplication."""
     if own:
         return FilteredState(dict(state_dict), "a Pretrain_NLVR.py checkpoint", strict=True)
     return FilteredState(pretrain_to_nlvr_state_dict(state_dict, *model.layout), "a pretraining checkpoint",

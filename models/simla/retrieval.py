@@ -1,18 +1,8 @@
 """SIMLA image-text retrieval model: ITA with image-id aware targets and queues, ITM with hard negatives.
 
-The same model serves ``Retrieval.py``, ``zero_shot_retrieval.py`` and ``Grounding.py``. Besides
-``forward`` (the two fine-tuning losses) it exposes the pieces evaluation and Grad-CAM need:
-:meth:`SIMLARetrieval.image_features`, :meth:`~SIMLARetrieval.text_features` and
-:meth:`~SIMLARetrieval.itm_logits`.
-
-Config keys: the ``retrieval`` task's in :mod:`configs.schema`, whose defaults fill the absent ones.
-
-``enqueue_idx``: the original SIMLA code registers an ``idx_queue`` of image ids but never writes to
-it, so queued features are never positives, not even for other captions of the same image. With
-``enqueue_idx: true`` the ids of each step are written next to the queued features (ALBEF's
-behaviour), making those queue columns positives too.
-
-Checkpoints: :func:`checkpoint_filter_fn` maps a pretraining or retrieval checkpoint onto the model.
+Serves ``Retrieval.py``, ``zero_shot_retrieval.py`` and ``Grounding.py``. ``enqueue_idx: true`` writes
+image ids into ``idx_queue`` (ALBEF's behaviour); the original never does, so queued features are never
+positives.
 """
 
 from __future__ import annotations
@@ -40,8 +30,7 @@ NO_IMAGE_ID = -100
 class SIMLARetrieval(MomentumMixin, nn.Module):
     """Retrieval model; ``forward(image, text, alpha, idx)`` returns ``(loss_ita, loss_itm)``.
 
-    ``idx_queue=False`` builds it without the ``idx_queue`` buffer, as ``zero_shot_retrieval.py``
-    uses it (the original deletes that buffer after construction).
+    ``idx_queue=False`` builds it without the ``idx_queue`` buffer (zero-shot evaluation).
     """
 
     def __init__(self, text_encoder: str | None = None, tokenizer: Any = None,
@@ -104,9 +93,7 @@ class SIMLARetrieval(MomentumMixin, nn.Module):
 
     def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cls_only: bool = False
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(text_embeds (B, L, D), text_feat (B, E))`` from the text-only pass; with ``cls_only`` the
-        last layer computes (and ``text_embeds`` holds) the [CLS] row alone, which is all ``text_feat``
-        reads."""
+        """``(text_embeds (B, L, D), text_feat (B, E))``; ``cls_only``: the last layer computes [CLS] only."""
         text_embeds = self.text_encoder(input_ids, attention_mask=attention_mask, mode="text",
                                         output_rows=1 if cls_only else None).last_hidden_state
         return text_embeds, F.normalize(self.text_proj(text_embeds[:, 0, :]), dim=-1)
@@ -114,11 +101,9 @@ class SIMLARetrieval(MomentumMixin, nn.Module):
     def itm_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                    image_embeds: torch.Tensor | None = None, image_atts: torch.Tensor | None = None,
                    image_kv: CrossKeyValues | None = None, cls_only: bool = False) -> torch.Tensor:
-        """Match / no-match logits ``(B, 2)`` of text ``b`` with image ``b`` (fusion pass + ITM head).
+        """Match / no-match logits ``(B, 2)`` of text ``b`` with image ``b``.
 
-        The images are given as ViT states ``image_embeds`` or, projected once for many pairs, as
-        ``image_kv`` (:meth:`image_key_values`, rows selected per pair). ``cls_only`` computes only the
-        [CLS] row in the last fusion layer (same logits; the other rows' attention maps are not made)."""
+        Images as ViT states ``image_embeds`` or projected ``image_kv``; ``cls_only``: same logits."""
         if image_atts is None and image_embeds is not None:
             image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
         output = self.text_encoder(input_ids, attention_mask=attention_mask, encoder_hidden_states=image_embeds,
@@ -160,8 +145,7 @@ class SIMLARetrieval(MomentumMixin, nn.Module):
 
     def forward(self, image: torch.Tensor, text: Any, alpha: float = 0.0, idx: torch.Tensor | None = None,
                 return_intermediates: bool = False):
-        """Returns ``(loss_ita, loss_itm)``; ``text`` carries ``input_ids`` and ``attention_mask`` (B, L),
-        ``idx`` (B,) the integer image id of each pair (captions of one image share it)."""
+        """Returns ``(loss_ita, loss_itm)``; ``idx`` (B,) is the integer image id of each pair."""
         if idx is None:
             raise ValueError("the retrieval model needs the image id of every pair (idx)")
         ids, text_mask = text.input_ids, text.attention_mask
@@ -216,12 +200,7 @@ SIMLA = SIMLARetrieval
 
 
 def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: SIMLARetrieval, own: bool = False) -> FilteredState:
-    """A pretraining or retrieval checkpoint for the retrieval model, ``bert.`` dropped from its keys.
-
-    A model with an ``idx_queue`` may lack it (pretraining checkpoints have none) and ignores the
-    pretraining-only entries. A model built without one (zero-shot evaluation) drops every entry it has
-    no key for, then needs all of its keys. ``own`` changes nothing.
-    """
+    """A pretraining or retrieval checkpoint for the retrieval model, ``bert.`` dropped from its keys."""
     del own
     state = strip_bert_prefix(state_dict)
     renamed = {without_bert(key): key for key in state_dict if "bert." in key}

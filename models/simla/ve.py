@@ -1,11 +1,4 @@
-"""SIMLA for SNLI-VE: does the image entail, contradict or leave open a hypothesis?
-
-Classes: contradiction 0, neutral 1, entailment 2. The text encoder is the ``med`` BERT with
-cross-attention in every layer, built from its config: like the original, the model loads no
-pretrained BERT or DeiT weights itself; ``--checkpoint`` supplies them.
-
-Config keys: the ``ve`` task's in :mod:`configs.schema`, whose defaults fill the absent ones.
-"""
+"""SIMLA for SNLI-VE (contradiction 0, neutral 1, entailment 2); weights come from ``--checkpoint``."""
 
 from __future__ import annotations
 
@@ -21,8 +14,7 @@ from models.simla.classifier import DistilledClassifier
 
 VE_LABELS = {"entailment": 2, "neutral": 1, "contradiction": 0}
 
-#: ``VE.py`` training from a pretraining checkpoint: model entries the checkpoint may lack (glob
-#: patterns over state_dict keys), the classifier heads the task adds.
+#: ``VE.py`` from a pretraining checkpoint: entries it may lack (the classifier heads).
 PRETRAIN_CHECKPOINT_MISSING: tuple[str, ...] = ("cls_head.*", "cls_head_m.*")
 
 
@@ -54,9 +46,7 @@ SIMLA = SIMLAVE
 
 
 def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: SIMLA, own: bool = False) -> FilteredState:
-    """``own`` (``--evaluate``, ``--resume``): a VE checkpoint, loaded as it is. Otherwise a pretraining
-    checkpoint with ``bert.`` dropped from its keys: the classifiers stay as built, the pretraining-only
-    entries are ignored."""
+    """``own``: a VE checkpoint as it is; otherwise a pretraining checkpoint with ``bert.`` dropped."""
     del model
     if own:
         return FilteredState(dict(state_dict), "a VE.py checkpoint")

@@ -1,17 +1,7 @@
 """SIMLA visual question answering: a fused question encoder and a causal answer decoder.
 
-The question attends to the image in the 12-layer ``med`` text encoder (``mode="multimodal"``); a
-separate ``decoder_depth``-layer causal BERT (``text_decoder``, 6 layers in the original) generates
-the answer while cross-attending to the fused question states. Training minimises the weighted
-answer likelihood; evaluation ranks a fixed answer list (``rank_answer``).
-
-Config keys: the ``vqa`` task's in :mod:`configs.schema`, whose defaults fill the absent ones.
-
-``vqa_distill_alpha``: the original SIMLA code calls the answer decoder with the momentum soft labels
-but without ``alpha``, so the distillation term is multiplied by 0 and the loss is the plain weighted
-answer NLL. That is the default here; the momentum weights are still updated every step (they are
-checkpoint entries), but the momentum forward passes, whose result would be multiplied by 0, are
-skipped. ``vqa_distill_alpha: true`` passes ``alpha`` and so trains with momentum distillation.
+``vqa_distill_alpha``: the original calls the decoder without ``alpha``, so distillation is multiplied
+by 0 (the default here, skipping the momentum forward passes); ``true`` trains with distillation.
 """
 
 from __future__ import annotations
@@ -34,9 +24,7 @@ from models.vit import vit_from_config
 PAD_ID = 0
 DEFAULT_DECODER_DEPTH = 6
 
-#: ``VQA.py`` training from a pretraining checkpoint: model entries the checkpoint may lack (glob
-#: patterns over state_dict keys). None: the answer decoder is filled from the encoder's last layers and
-#: its embeddings and masked-LM head; the pretraining-only heads, projections and queues are ignored.
+#: ``VQA.py`` from a pretraining checkpoint: entries the checkpoint may lack (none).
 PRETRAIN_CHECKPOINT_MISSING: tuple[str, ...] = ()
 
 
@@ -91,10 +79,8 @@ class SIMLAVQA(MomentumMixin, nn.Module):
 
     def forward(self, image: torch.Tensor, question: Any, answer: Any = None, alpha: float = 0.0,
                 k: Sequence[int] | int | None = None, weights: torch.Tensor | None = None, train: bool = True):
-        """Training (``train=True``): the loss ``sum(weights * answer NLL) / batch``, where ``answer``
-        holds the answers of every question, consecutive per question, ``k[b]`` of them for question
-        ``b``. Evaluation: ``rank_answer`` over the answer list ``answer`` with ``k`` = k_test,
-        returning ``(topk_ids, topk_probs)`` each ``(B, k)``."""
+        """Training: ``sum(weights * answer NLL) / batch`` (``k[b]`` consecutive answers per question).
+        Evaluation: ``rank_answer`` -> ``(topk_ids, topk_probs)`` each ``(B, k)``."""
         if answer is None:
             raise ValueError("the VQA model needs the answer tokens (training answers or the answer list)")
         if not train:
@@ -143,9 +129,8 @@ class SIMLAVQA(MomentumMixin, nn.Module):
     @torch.no_grad()
     def rank_answer(self, question_states: torch.Tensor, question_atts: torch.Tensor, answer_ids: torch.Tensor,
                     answer_atts: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rank the answer list: the ``k`` answers with the most probable first token, re-scored by
-        ``log p(first token) - NLL(whole answer)`` (the first token counted twice, as the original) and
-        re-ordered by the softmax of those scores. Returns answer-list indices and probabilities."""
+        """Rank the answer list: the ``k`` best first tokens, re-scored by the whole answer's likelihood
+        (first token counted twice, as the original). Returns answer-list indices and probabilities."""
         num_questions = question_states.shape[0]
         num_answers = answer_ids.shape[0]
         if not 1 <= k <= num_answers:
@@ -157,7 +142,6 @@ class SIMLAVQA(MomentumMixin, nn.Module):
         first_token_probs = F.softmax(start_logits, dim=1).index_select(1, answer_ids[:, 1])
         topk_probs, topk_ids = first_token_probs.topk(k, dim=1)
 
-        # row i * k + j holds candidate j of question i
         flat_ids = topk_ids.reshape(-1)
         input_ids = answer_ids.index_select(0, flat_ids)
         input_atts = answer_atts.index_select(0, flat_ids)
@@ -190,11 +174,7 @@ def is_pretrain_layout(keys: Iterable[str]) -> bool:
 def pretrain_key_sources(keys: Iterable[str], decoder_depth: int = DEFAULT_DECODER_DEPTH) -> dict[str, str]:
     """The renamed keys of a pretraining checkpoint loaded into the VQA model, ``{target: source}``.
 
-    As the original ``VQA.py`` does for training runs: every ``text_encoder[_m].bert.X`` also appears as
-    ``text_encoder[_m].X``; the last ``decoder_depth`` encoder layers become decoder layers
-    ``0..decoder_depth-1`` (encoder layers 6-11 for the original 12 and 6), and the encoder's
-    embeddings and masked-LM head move to ``text_decoder[_m].bert.embeddings.*`` / ``text_decoder[_m].cls.*``.
-    Keys not listed keep their names.
+    The last ``decoder_depth`` encoder layers (plus embeddings and MLM head) become the decoder's.
     """
     keys = list(keys)
     depth_by_prefix: dict[str, int] = {}
@@ -228,8 +208,7 @@ def pretrain_key_sources(keys: Iterable[str], decoder_depth: int = DEFAULT_DECOD
 
 def map_pretrain_checkpoint(state_dict: Mapping[str, torch.Tensor],
                             decoder_depth: int = DEFAULT_DECODER_DEPTH) -> dict[str, torch.Tensor]:
-    """A pretraining-layout state_dict renamed for the VQA model (see :func:`pretrain_key_sources`);
-    the original ``text_encoder[_m].*`` keys are dropped. Other layouts are returned unchanged."""
+    """A pretraining-layout state_dict renamed for the VQA model; other layouts are returned unchanged."""
     if not is_pretrain_layout(state_dict):
         return dict(state_dict)
     sources = pretrain_key_sources(state_dict, decoder_depth)
@@ -240,9 +219,7 @@ def map_pretrain_checkpoint(state_dict: Mapping[str, torch.Tensor],
 
 
 def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: SIMLAVQA, own: bool = False) -> FilteredState:
-    """``own`` (``--evaluate``, ``--resume``): a VQA checkpoint, loaded as it is. Otherwise a pretraining
-    checkpoint renamed onto the encoder and decoder (:func:`map_pretrain_checkpoint`); its
-    pretraining-only entries are ignored."""
+    """``own``: a VQA checkpoint as it is; otherwise a pretraining checkpoint renamed onto the model."""
     if own:
         return FilteredState(dict(state_dict), "a VQA.py checkpoint")
     return FilteredState(map_pretrain_checkpoint(state_dict, model.decoder_depth),
