@@ -3,12 +3,8 @@
 python benchmarks/pretrain_step.py --preset small [--device cpu] [--amp none|bf16|fp16]
     [--grad_checkpointing] [--step_in_backward] [--compile] [--batch_size 4] [--steps 5] [--json out.json]
 
-Presets: ``tiny`` (the parity-fixture shape), ``small`` (ViT 256 wide x 6 at 128 px, 6-layer BERT
-256 wide with the 30522-token vocabulary) and ``base`` (the shipped Pretrain.yaml model, batch 2,
-queue 1024). Prints median seconds per step, samples per second, peak memory (process RSS on CPU,
-max allocated on GPU; also the part above the RSS right after imports) and, on GPU (or on CPU with
-``--count_flops``), the FLOPs of a step counted by PyTorch's FlopCounterMode, the achieved FLOP/s and
-the model FLOPs utilisation, as JSON and as one summary line.
+Presets ``tiny``, ``small``, ``base``. Prints seconds per step, samples/s, peak memory and (GPU or
+``--count_flops``) FLOPs, FLOP/s and MFU, as JSON and one summary line.
 """
 
 from __future__ import annotations
@@ -69,8 +65,7 @@ def make_batch(preset: dict, batch_size: int, device: torch.device, generator: t
 
 
 def count_step_flops(run_step) -> int:
-    """FLOPs of one forward + backward (matrix products and attention, as PyTorch's FlopCounterMode
-    counts them: 2 per multiply-add), measured by running ``run_step`` once under the counter."""
+    """FLOPs of one forward + backward as FlopCounterMode counts them (2 per multiply-add)."""
     counter = FlopCounterMode(display=False)
     with counter:
         run_step()

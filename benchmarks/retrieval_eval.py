@@ -5,17 +5,8 @@ python benchmarks/retrieval_eval.py [--preset demo|small|base] [--images 16] [--
     [--k_test 8] [--image_batch 8] [--batch_size 256] [--repeats 5] [--device cpu]
     [--amp none|bf16|fp16] [--checkpoint PATH] [--threads N] [--json out.json]
 
-Presets: ``demo`` (the demo model: ViT 4 x 64 at 64 px, 4-layer BERT of width 64, 559-token
-vocabulary), ``small`` (ViT 6 x 256 at 128 px, 6-layer BERT of width 256, 30522 tokens) and ``base``
-(ViT-B/16 at 384 px and BERT-base, the shipped retrieval model). Images are random; captions are random
-token sequences of 5 to 29 pieces. The defaults are the shape of the reference figures in
-``shared/bench/README.md`` (16 images, 80 captions, k_test 8, image batches of 8).
-
-Printed figures: the median time of the whole evaluation (image features in batches of
-``--image_batch``, text features, ITC candidates, ITM re-ranking, recall metrics) over ``--repeats``
-runs; the times of the re-ranking alone by this implementation and by the original procedure (same
-features), their ITM pairs and fusion passes and the largest difference between their score matrices;
-the peak RSS, and the part of it above the RSS right after the imports.
+Random images and captions; defaults match ``shared/bench/README.md``. Prints median evaluation time,
+both re-ranking times, ITM pairs, fusion passes, largest score difference and peak RSS.
 """
 
 from __future__ import annotations

@@ -1,8 +1,7 @@
 """Datasets, transforms, collates and loaders for every task (``create_dataset`` as the original).
 
-Unreadable images (see :mod:`dataset.images`): training datasets return ``None`` for the sample and
-expose ``collate_fn`` (a collate that replaces or drops those samples and yields ``(batch,
-num_failed)``); evaluation datasets raise :class:`UnreadableImageError` naming the file and the entry.
+Unreadable images: training datasets return ``None`` (their ``collate_fn`` yields ``(batch, num_failed)``);
+evaluation datasets raise :class:`UnreadableImageError`.
 """
 
 from __future__ import annotations

@@ -57,16 +57,14 @@ def join_image_path(root: str | None, path: str) -> str:
 
 
 def annotations_by_file(files: Iterable[str], required: Sequence[str]) -> Iterator[tuple[str, int, dict]]:
-    """``(file, index in that file, entry)`` for every entry, checked as in :func:`load_annotations`, so
-    later checks can name the file and the position of a bad entry."""
+    """``(file, index in that file, entry)`` for every entry, checked as in :func:`load_annotations`."""
     for path in files:
         for index, entry in enumerate(load_annotations([path], required)):
             yield path, index, entry
 
 
 def require_text(entry: Mapping[str, Any], field: str, path: str, index: int) -> str:
-    """The string value of ``entry[field]``; anything else (a number, null, a list) is an error naming the
-    file, the entry and the field. An empty string is accepted: it normalises to an empty text."""
+    """``entry[field]`` if a string (empty allowed); anything else is an error naming file, entry and field."""
     value = entry[field]
     if not isinstance(value, str):
         raise AnnotationError(f"{path}: entry {index} field {field!r} must be a string, got "

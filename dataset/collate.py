@@ -22,12 +22,8 @@ def _fill_missing(batch: Sequence[Any]) -> tuple[list[Any] | None, int]:
 
 
 def collate_safe(batch: Sequence[Any]) -> Any:
-    """Default-collate a batch in which failed samples are ``None``.
-
-    Each ``None`` is replaced, in place, by a copy of a randomly chosen valid sample (Python
-    ``random``), so the batch size is preserved. The original SIMLA code raises when every sample
-    is ``None``; this returns ``None`` instead so the caller can skip the batch.
-    """
+    """Default-collate a batch whose failed samples are ``None``, each replaced by a random valid one.
+    Returns ``None`` when every sample failed (the original raises)."""
     filled, _ = _fill_missing(batch)
     if filled is None:
         return None
@@ -35,12 +31,7 @@ def collate_safe(batch: Sequence[Any]) -> Any:
 
 
 class SafeCollate:
-    """Like :func:`collate_safe`, but returns ``(collated_or_None, num_failed_samples)``.
-
-    DataLoader workers cannot update counters in the main process, so the count travels with the
-    batch and the training loop can log how many samples were replaced (or dropped, when the
-    whole batch failed).
-    """
+    """:func:`collate_safe` returning ``(collated_or_None, num_failed_samples)`` (workers can't update counters)."""
 
     def __call__(self, batch: Sequence[Any]) -> tuple[Any, int]:
         filled, missing = _fill_missing(batch)
@@ -55,12 +46,8 @@ class SafeCollate:
 def vqa_collate_fn(
     batch: Sequence[Any],
 ) -> tuple[torch.Tensor, list[str], list[str], torch.Tensor, list[int]] | None:
-    """Collate VQA training samples ``(image, question, answers, weights)``.
-
-    Returns ``(images [B,3,H,W], questions, answers, weights, n)``: answers and weights of all
-    samples flattened into one list / float32 tensor, ``n[b]`` the number of answers of sample
-    ``b``. ``None`` samples (unreadable images) are dropped; an all-``None`` batch gives ``None``.
-    """
+    """Collate VQA samples into ``(images [B,3,H,W], questions, answers, weights, n)``: answers and
+    weights flattened, ``n[b]`` answers of sample ``b``; ``None`` samples dropped (all ``None``: ``None``)."""
     images: list[torch.Tensor] = []
     questions: list[str] = []
     answers: list[str] = []

@@ -1,16 +1,7 @@
-"""RefCOCO+-style grounding data: the (image, referring expression) datasets of the original
-``create_dataset("grounding")`` and a small reader of the REFER annotations.
+"""RefCOCO+-style grounding datasets (the original ``create_dataset("grounding")``) and a REFER reader.
 
-Annotation files: JSON lists of ``{"image": <path relative to image_root>, "text": str}``; test
-entries also carry ``"ref_id": int``. Training pairs get an image index keyed by the image *file
-name* (last path component), so expressions of one picture share it; test pairs return their
-``ref_id``, whose split (val / testA / testB) comes from the REFER annotations.
-
-REFER annotations (``<refcoco_data>/<dataset>/``): ``refs(<split_by>).p``, a pickled list of refs
-(``ref_id``, ``ann_id``, ``image_id``, ``category_id``, ``split``, ``sentences``), and
-``instances.json`` (COCO-style ``images`` with ``id``, ``height``, ``width``; ``annotations`` with
-``id``, ``image_id``, ``bbox`` ``[x, y, w, h]``; ``categories``). The pickle is read with an
-unpickler that accepts only plain containers, strings and numbers.
+Entries: ``{"image", "text"}`` (test also ``"ref_id"``); training image indices are keyed by file name.
+The REFER ``refs(<split_by>).p`` pickle is read accepting only plain containers, strings and numbers.
 """
 
 from __future__ import annotations
@@ -46,7 +37,7 @@ class _PlainUnpickler(pickle.Unpickler):
     """Unpickles lists, dicts, tuples, strings and numbers only (REFER ``refs(*).p`` files)."""
 
     def __init__(self, handle: Any, path: str) -> None:
-        # Python 2 pickles (the official files) hold byte strings; they are ASCII / UTF-8 text
+        # Python 2 pickles hold byte strings (ASCII / UTF-8 text)
         super().__init__(handle, encoding="utf-8")
         self.path = path
 
@@ -78,12 +69,7 @@ def _require(entry: Any, fields: Sequence[str], where: str, index: int) -> None:
 
 
 class ReferAnnotations:
-    """The lookups of the original ``REFER`` class that grounding needs.
-
-    ``Refs[ref_id]``, ``Anns[ann_id]``, ``Imgs[image_id]``, ``Cats[category_id]`` (name),
-    ``refToAnn[ref_id]``, ``annToRef[ann_id]``, ``imgToRefs[image_id]``, ``imgToAnns[image_id]``,
-    ``Sents[sent_id]``, ``sentToRef[sent_id]``; ``source`` names the files they came from.
-    """
+    """The lookups of the original ``REFER`` class that grounding needs (``Refs``, ``Anns``, ``Imgs``, ...)."""
 
     def __init__(self, refs: Sequence[Mapping[str, Any]], instances: Mapping[str, Any],
                  source: str = "REFER annotations") -> None:
@@ -156,11 +142,7 @@ class ReferAnnotations:
 
 class GroundingDataset(Dataset):
     """``(image, expression, image index)`` in ``train`` mode, ``(image, expression, ref_id)`` in ``test``.
-
-    Unreadable images: in ``train`` mode the sample is ``None`` and :attr:`collate_fn` replaces and counts
-    it; in ``test`` mode :class:`dataset.images.UnreadableImageError` names the file and the entry, since
-    every ref is scored.
-    """
+    Unreadable images: ``None`` in ``train``, :class:`UnreadableImageError` in ``test``."""
 
     def __init__(self, ann_file: str | Sequence[str], transform: Transform, image_root: str | None,
                  max_words: int = 30, mode: str = "train", key: str = "train_file",
@@ -209,8 +191,7 @@ class GroundingDataset(Dataset):
 
 
 def create_grounding_datasets(config: Mapping[str, Any]) -> tuple[GroundingDataset, GroundingDataset]:
-    """``(train, test)``: ``train_file`` with the grounding training transform, ``test_file`` (val and
-    test JSON files) with the test transform."""
+    """``(train, test)`` grounding datasets with their transforms."""
     config = with_defaults(config, "grounding")
     transforms = build_transforms(config)
     max_words = int(config["max_words"])

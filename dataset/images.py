@@ -1,17 +1,7 @@
 """Reading dataset images: RGB conversion, a decompression-bomb guard and reports of unreadable files.
 
-PIL settings made on import (the original SIMLA code makes the same two):
-
-* ``ImageFile.LOAD_TRUNCATED_IMAGES = True``: a JPEG cut short after its first scan lines still loads,
-  with the missing rows filled in, so a partly downloaded photo keeps its sample. A file cut so early
-  that PIL cannot decode anything still fails and is treated as unreadable.
-* ``Image.MAX_IMAGE_PIXELS = None``: PIL's own fixed limit (a warning above about 89 million pixels, an
-  error above twice that) is switched off because the configurable ``max_image_pixels`` check of
-  :func:`read_rgb` takes its place, and ``max_image_pixels: null`` must give the original "no limit".
-
-Training datasets turn an unreadable image into a ``None`` sample (see :class:`ImageReader`), which
-:class:`dataset.collate.SafeCollate` replaces and counts; evaluation datasets raise
-:class:`UnreadableImageError` instead, because every evaluated index must be a real image.
+On import, as the original: ``LOAD_TRUNCATED_IMAGES = True`` (partly downloaded JPEGs still load) and
+``MAX_IMAGE_PIXELS = None`` (replaced by the configurable ``max_image_pixels`` check of :func:`read_rgb`).
 """
 
 from __future__ import annotations
@@ -27,9 +17,7 @@ from configs.schema import COMMON_OPTIONAL
 ImageFile.LOAD_TRUNCATED_IMAGES = True
 Image.MAX_IMAGE_PIXELS = None
 
-# 2**28 pixels = 16384 x 16384, 768 MiB once decoded to 8-bit RGB: about three times the largest photos
-# of the public image-text sets (100-megapixel scans fit) while a crafted file that claims, say,
-# 65535 x 65535 pixels (12 GiB decoded) per DataLoader worker is refused from its header alone.
+# 2**28 pixels (16384^2, 768 MiB as RGB): fits real photos, refuses crafted huge headers.
 MAX_IMAGE_PIXELS_KEY = "max_image_pixels"
 DEFAULT_MAX_IMAGE_PIXELS = COMMON_OPTIONAL[MAX_IMAGE_PIXELS_KEY]
 
@@ -72,18 +60,14 @@ def to_rgb(img: Image.Image) -> Image.Image:
     if img.mode in _SIXTEEN_BIT_MODES:
         img = img.point(lambda v: v * (1 / 256)).convert("L")
     if img.mode == "P" and "transparency" in img.info:
-        # a palette image with a transparent entry goes through RGBA, as PIL recommends, so the
-        # conversion neither warns nor depends on the palette layout
+        # palette images with transparency go through RGBA, as PIL recommends
         img = img.convert("RGBA")
     return img.convert("RGB")
 
 
 def read_rgb(path: str, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
-    """Open ``path``, check its size from the header against ``max_pixels``, decode it and convert to RGB.
-
-    Every failure (missing or empty file, unknown format, corrupt data, too many pixels) raises
-    :class:`UnreadableImageError` naming the file and the reason.
-    """
+    """Open ``path``, check its header size against ``max_pixels``, decode and convert to RGB.
+    Any failure raises :class:`UnreadableImageError` naming the file and the reason."""
     if not os.path.isfile(path):
         raise UnreadableImageError(path, "no such file" if not os.path.exists(path) else "not a regular file")
     if os.path.getsize(path) == 0:
@@ -105,11 +89,8 @@ def read_rgb(path: str, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Im
 class ImageReader:
     """Reads the images of one dataset.
 
-    With ``skip_unreadable`` (training) an unreadable image gives ``None`` and a warning naming the file
-    and the reason; the first :data:`REPORT_FIRST` failures are reported one by one, later ones only at
-    counts 100, 1000, ... so that a broken image folder does not flood the log. Each DataLoader worker
-    holds its own copy, so ``failures`` counts per process; the exact total per epoch comes from the
-    collate. Without ``skip_unreadable`` (evaluation) the error propagates with the entry index added.
+    With ``skip_unreadable`` (training) an unreadable image gives ``None`` and a rate-limited warning
+    (``failures`` counts per process); otherwise the error propagates with the entry index added.
     """
 
     def __init__(self, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, skip_unreadable: bool = True) -> None:
@@ -118,8 +99,7 @@ class ImageReader:
         self.failures = 0
 
     def __call__(self, path: str, index: int, sample: str = "") -> Image.Image | None:
-        """The RGB image at ``path`` for dataset entry ``index`` (``sample`` adds e.g. a question id to
-        messages), or ``None`` when it is unreadable and unreadable images are skipped."""
+        """The RGB image for entry ``index`` (``sample`` adds e.g. a question id), or ``None`` if skipped."""
         try:
             return read_rgb(path, self.max_pixels)
         except UnreadableImageError as exc:

@@ -10,8 +10,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 
 def _check_lengths(**lists: Sequence[Any]) -> int:
-    # The original zips the lists and silently drops the tail of longer ones; a mismatch is
-    # always a caller bug, so refuse it.
+    # the original silently drops the tail of longer lists; a mismatch is a caller bug
     lengths = {name: len(values) for name, values in lists.items()}
     if len(set(lengths.values())) > 1:
         raise ValueError(f"per-dataset argument lists differ in length: {lengths}")
@@ -41,12 +40,9 @@ def create_loader(
 ) -> list[DataLoader]:
     """Build one DataLoader per dataset.
 
-    Training loaders shuffle when they have no sampler and drop the last incomplete batch;
-    evaluation loaders neither shuffle nor drop, and seed their workers from a generator of their own:
-    they take no draw from the global generator, whose later draws (dropout) would otherwise depend on
-    ``num_workers`` (a loader without persistent workers draws once per pass). ``pin_memory`` defaults
-    to whether CUDA is available (the original always pins); ``persistent_workers`` defaults to
-    ``num_workers > 0`` and is forced off for loaders without workers.
+    Training loaders shuffle (without a sampler) and drop the last batch; evaluation loaders do neither
+    and seed workers from their own generator so global draws don't depend on ``num_workers``.
+    ``pin_memory`` defaults to CUDA availability.
     """
     _check_lengths(
         datasets=datasets,

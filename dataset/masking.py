@@ -13,13 +13,8 @@ from configs.schema import patch_grid
 
 
 class MaskingGenerator:
-    """Draw a 0/1 mask (1 = masked) made of random rectangular blocks, using Python's ``random``.
-
-    Blocks are added until ``num_masking_patches`` cells are masked or ten consecutive block draws
-    fail to add anything, so a mask can occasionally hold fewer cells. Each block has an area drawn
-    uniformly between ``min_num_patches`` and the remaining budget (capped by ``max_num_patches``)
-    and a log-uniform aspect ratio (height / width) in ``[min_aspect, max_aspect]``.
-    """
+    """Draw a 0/1 mask (1 = masked) of random rectangular blocks, using Python's ``random``.
+    Stops at ``num_masking_patches`` cells or after ten failed draws, so a mask may hold fewer."""
 
     def __init__(
         self,
@@ -55,8 +50,7 @@ class MaskingGenerator:
         """Try up to ten times to add one block of at most ``max_mask_patches`` new cells."""
         delta = 0
         for _ in range(10):
-            # uniform(a, b) with b < a is allowed and samples in [b, a]; the original relies on it
-            # once the remaining budget drops below min_num_patches.
+            # uniform(a, b) with b < a samples [b, a]; the original relies on it
             target_area = random.uniform(self.min_num_patches, max_mask_patches)
             aspect_ratio = math.exp(random.uniform(*self.log_aspect_ratio))
             h = int(round(math.sqrt(target_area * aspect_ratio)))
@@ -87,9 +81,7 @@ class MaskingGenerator:
 
 
 def masking_generator_from_config(config: Mapping[str, Any]) -> MaskingGenerator:
-    """Build the pretraining mask generator for the ViT patch grid of ``config`` (``patch_size``,
-    ``mask_num_patches``, ``mask_min_patches``, ``mask_min_aspect``, ``mask_max_aspect``; a null
-    ``mask_max_aspect`` is ``1 / mask_min_aspect``)."""
+    """The pretraining mask generator for ``config``'s patch grid (null ``mask_max_aspect``: ``1 / mask_min_aspect``)."""
     window = patch_grid(config)
     max_aspect = config["mask_max_aspect"]
     return MaskingGenerator(

@@ -25,15 +25,8 @@ NLVR_LABELS = {"True": 1, "False": 0}
 
 
 class NlvrDataset(Dataset):
-    """Entries ``{"images": [path0, path1], "sentence": str, "label": "True" | "False"}`` from one or more
-    JSON files; a sample is ``(image0, image1, sentence, label)`` with label 1 for ``"True"``, 0 for
-    ``"False"``.
-
-    Unreadable images: with ``skip_unreadable`` (the default for the ``train_file`` split) a sample with
-    either image unreadable is ``None`` and :attr:`collate_fn` replaces and counts it; otherwise (val /
-    test) :class:`dataset.images.UnreadableImageError` names the file and the entry, since every
-    evaluated example must be scored.
-    """
+    """``(image0, image1, sentence, label)`` from ``{"images", "sentence", "label": "True" | "False"}`` entries.
+    Unreadable images: ``None`` with ``skip_unreadable`` (train), else :class:`UnreadableImageError`."""
 
     def __init__(self, ann_file: str | Sequence[str], transform: Callable[[Any], torch.Tensor], image_root: str,
                  max_words: int = 30, config_key: str = "train_file",
@@ -48,8 +41,7 @@ class NlvrDataset(Dataset):
                                       f"got {images!r}")
             require_text(entry, "sentence", path, index)
             label = entry["label"]
-            # the original maps every value other than "True" to 0; a typo (true, 1) would silently
-            # become a negative, so only the two NLVR2 spellings are accepted
+            # only the two NLVR2 spellings: a typo must not silently become a negative
             if label not in NLVR_LABELS:
                 raise AnnotationError(f"{path}: entry {index} field 'label' must be \"True\" or \"False\", "
                                       f"got {label!r}")

@@ -20,13 +20,8 @@ from dataset.transforms import PretrainViews
 
 
 class PretrainDataset(Dataset):
-    """Entries ``{"image": path, "caption": str | [str, ...]}`` from one or more JSON files.
-
-    A sample is ``(image, caption, image_for_tokenization, masked_positions)``; an image that cannot
-    be read (missing, empty, corrupt, not an image, over ``max_image_pixels``) yields ``None`` with a
-    rate-limited warning naming the file, for :attr:`collate_fn` (a :class:`SafeCollate`) to replace
-    and count. An empty caption, or an empty caption list, gives the empty string.
-    """
+    """``(image, caption, image_for_tokenization, masked_positions)`` from ``{"image", "caption"}`` entries.
+    An unreadable image yields ``None`` for :attr:`collate_fn`; an empty caption (list) gives ``""``."""
 
     def __init__(self, ann_file: str | Sequence[str], views: Callable[[Any], tuple[torch.Tensor, torch.Tensor]],
                  mask_generator: Callable[[], np.ndarray], max_words: int = 30,

@@ -1,9 +1,5 @@
 """RandAugment on RGB ``uint8`` HWC arrays (numpy/OpenCV), with the op table of the original SIMLA code.
-
-Randomness comes from numpy's global generator (PyTorch seeds it per DataLoader worker), in the same
-order as the original: the ``N`` op names first, then for every op its skip draw followed, for the
-geometric ops, by a sign draw.
-"""
+Draws from numpy's global generator in the original's order."""
 
 from __future__ import annotations
 
@@ -52,9 +48,7 @@ PIPELINE_OPS: tuple[str, ...] = (
 )
 
 
-# ---------------------------------------------------------------------------------------------
-# Image operations
-# ---------------------------------------------------------------------------------------------
+# --- Image operations ---
 
 
 def identity(img: np.ndarray) -> np.ndarray:
@@ -72,12 +66,10 @@ def _per_channel_lut(img: np.ndarray, make_table: Callable[[np.ndarray], np.ndar
 
 
 def auto_contrast(img: np.ndarray, fix_offset: bool = False) -> np.ndarray:
-    """Stretch each channel's ``[min, max]`` range to ``[0, 255]`` (cutoff 0).
+    """Stretch each channel's ``[min, max]`` to ``[0, 255]``.
 
-    The original SIMLA code computes the offset as ``-low * scale`` with ``low`` a numpy ``uint8``
-    scalar, so the negation wraps to ``256 - low``: a channel whose minimum is above 0 (and whose
-    maximum is larger than its minimum) saturates to 255, while channels that already reach 0 are
-    stretched properly. That is reproduced by default; ``fix_offset=True`` gives the real stretch.
+    By default reproduces the original's uint8 wrap of ``-low`` (channels with minimum > 0 saturate to
+    255); ``fix_offset=True`` gives the real stretch.
     """
 
     def table_for(ch: np.ndarray) -> np.ndarray | None:
@@ -132,10 +124,7 @@ def solarize(img: np.ndarray, threshold: int = 128) -> np.ndarray:
 
 
 def color(img: np.ndarray, factor: float) -> np.ndarray:
-    """Blend with a grey version of the image (the original's matrix form of ``ImageEnhance.Color``).
-
-    The grey weights are OpenCV's BGR order applied to RGB data, as in the original SIMLA code.
-    """
+    """Blend with a grey version (weights in OpenCV's BGR order applied to RGB, as the original)."""
     matrix = np.float32(
         [[0.886, -0.114, -0.114], [-0.587, 0.413, -0.587], [-0.299, -0.299, 0.701]]
     ) * factor + np.float32([[0.114], [0.587], [0.299]])
@@ -156,17 +145,12 @@ def brightness(img: np.ndarray, factor: float) -> np.ndarray:
 
 
 def _wrap_to_uint8(values: np.ndarray) -> np.ndarray:
-    # numpy's float -> uint8 cast of out-of-range values is platform-dependent; on x86 (where the
-    # original was run) it truncates towards zero and keeps the low byte. Do that explicitly.
+    # float -> uint8 cast as on x86 (truncate, keep the low byte), made explicit
     return (np.trunc(values).astype(np.int64) & 0xFF).astype(np.uint8)
 
 
 def sharpness(img: np.ndarray, factor: float, clip: bool = False) -> np.ndarray:
-    """Blend the interior pixels with a 3x3 smoothed copy: ``smooth + factor * (img - smooth)``.
-
-    Border rows and columns are left untouched. The original SIMLA code casts the float result to
-    ``uint8`` without clipping, so overshooting values wrap around; ``clip=True`` clips instead.
-    """
+    """Blend the interior with a 3x3 smoothed copy; uint8 wrap-around as the original unless ``clip``."""
     kernel = np.ones((3, 3), dtype=np.float32)
     kernel[1, 1] = 5
     kernel /= 13
@@ -205,8 +189,7 @@ def translate_y(img: np.ndarray, offset: float, fill: Sequence[int] = (0, 0, 0))
 
 def posterize(img: np.ndarray, bits: int) -> np.ndarray:
     """Keep the top ``bits`` bits of every value."""
-    # The original builds the mask with np.uint8(255 << (8 - bits)), which old numpy wrapped to the
-    # low byte (newer numpy raises); keep the wrapped value.
+    # the original's np.uint8(255 << (8 - bits)) wrapped to the low byte on old numpy
     mask = np.uint8((255 << (8 - bits)) & 0xFF)
     return np.bitwise_and(img, mask)
 
@@ -229,17 +212,11 @@ OP_FUNCS: dict[str, Callable[..., np.ndarray]] = {
 }
 
 
-# ---------------------------------------------------------------------------------------------
-# Magnitudes
-# ---------------------------------------------------------------------------------------------
+# --- Magnitudes ---
 
 
 def level_to_args(name: str, level: float) -> tuple[Any, ...]:
-    """Positional arguments of op ``name`` at magnitude ``level`` (0..``MAX_LEVEL``).
-
-    Shear and translate flip the sign when ``np.random.random() > 0.5`` and rotate when it is
-    ``< 0.5`` (one draw each), exactly as the original; the other ops draw nothing.
-    """
+    """Arguments of op ``name`` at ``level``; shear/translate/rotate draw one sign as the original."""
     ratio = level / MAX_LEVEL
     if name in ("Identity", "AutoContrast", "Equalize"):
         return ()
@@ -269,11 +246,7 @@ def level_to_args(name: str, level: float) -> tuple[Any, ...]:
 
 class RandomAugment:
     """Apply ``N`` ops drawn with replacement from ``augs``, each skipped with probability 0.5.
-
-    Accepts a PIL image or an RGB ``uint8`` HWC array and returns an HWC ``uint8`` numpy array.
-    ``clip_sharpness`` clips the Sharpness result instead of letting it wrap around (the original
-    wraps); ``fix_autocontrast`` makes AutoContrast a real stretch (see :func:`auto_contrast`).
-    """
+    Takes a PIL image or HWC ``uint8`` array, returns an HWC ``uint8`` array."""
 
     def __init__(
         self,

@@ -1,18 +1,7 @@
 """Training data order that a checkpoint can resume mid-epoch, bit for bit.
 
-Two pieces make the data side of a run reproducible from any step:
-
-* :class:`ResumableSampler` orders the samples of an epoch exactly as ``DistributedSampler`` does
-  (a permutation drawn from ``seed + epoch``, padded by repetition, then every ``num_replicas``-th
-  index for this rank), and can start the next epoch part-way through that order.
-* :class:`SeededSamples` gives every sample its own random seed, a pure function of
-  ``(seed, epoch, position in the epoch)``. The random augmentations of a sample therefore do not
-  depend on which worker process loads it, on how many workers there are, or on what ran before,
-  and the main process's random generators (dropout, masking in the model) are left untouched.
-
-A resumed run that restores the model's random generator states and starts the sampler at the saved
-position then sees the same images, the same augmentations and the same batches as an uninterrupted
-run.
+:class:`ResumableSampler` orders an epoch as ``DistributedSampler`` and can start part-way;
+:class:`SeededSamples` seeds each sample from ``(seed, epoch, position)``, independent of workers.
 """
 
 from __future__ import annotations
@@ -42,12 +31,8 @@ def sample_seed(seed: int, epoch: int, position: int) -> int:
 
 
 class ResumableSampler(Sampler):
-    """``DistributedSampler`` order (``drop_last=False``), yielding ``(index, sample_seed)`` pairs.
-
-    ``set_epoch(e)`` picks the epoch; ``start_at(n)`` makes the next iteration skip the first ``n``
-    samples of this rank (once). ``len()`` is always the full per-rank length of an epoch, so the
-    number of batches of an epoch does not change when a run resumes inside it.
-    """
+    """``DistributedSampler`` order (``drop_last=False``) yielding ``(index, sample_seed)``.
+    ``start_at(n)`` skips this rank's first ``n`` samples once; ``len()`` is always the full epoch."""
 
     def __init__(self, num_samples: int, num_replicas: int = 1, rank: int = 0, shuffle: bool = True,
                  seed: int = 0) -> None:
@@ -102,12 +87,7 @@ class ResumableSampler(Sampler):
 
 
 class SeededSamples(Dataset):
-    """Wrap a map-style dataset so that ``ds[(index, seed)]`` loads ``index`` under its own seed.
-
-    Python's ``random``, NumPy's global generator and torch's CPU generator are seeded for the
-    duration of the call and restored afterwards, so loading in the main process does not disturb
-    the training step's random numbers. A plain integer index behaves like the wrapped dataset.
-    """
+    """``ds[(index, seed)]`` loads ``index`` under its own seed (random, NumPy, torch CPU; restored after)."""
 
     def __init__(self, dataset: Dataset) -> None:
         self.dataset = dataset
@@ -116,7 +96,6 @@ class SeededSamples(Dataset):
         return len(self.dataset)  # type: ignore[arg-type]
 
     def __getattr__(self, name: str) -> Any:
-        # attributes of the wrapped dataset (annotations, image roots, ...) stay reachable
         if name == "dataset":
             raise AttributeError(name)
         return getattr(self.dataset, name)
@@ -140,10 +119,7 @@ class SeededSamples(Dataset):
 def create_train_loader(dataset: Dataset, batch_size: int, num_workers: int,
                         collate_fn: Callable[[Sequence[Any]], Any] | None, seed: int, num_replicas: int = 1,
                         rank: int = 0, pin_memory: bool | None = None) -> tuple[DataLoader, ResumableSampler]:
-    """A shuffling, last-batch-dropping training loader whose position a checkpoint can record.
-
-    Returns ``(loader, sampler)``; every process must pass the same ``seed``.
-    """
+    """A resumable shuffling training loader; returns ``(loader, sampler)`` (same ``seed`` everywhere)."""
     sampler = ResumableSampler(len(dataset), num_replicas=num_replicas, rank=rank,  # type: ignore[arg-type]
                                shuffle=True, seed=seed)
     if pin_memory is None:

@@ -1,13 +1,5 @@
 """Image-text retrieval datasets (COCO / Flickr30k format) as the original ``create_dataset("re")``.
-
-Training files: JSON lists of ``{"image": <path relative to image_root>, "caption": str,
-"image_id": <any hashable JSON value>}``, one entry per caption. Evaluation files: JSON lists of
-``{"image": <path>, "caption": [str, ...]}``, one entry per image.
-
-Unreadable images: a training sample becomes ``None`` (``collate_fn`` replaces and counts it); the
-evaluation dataset raises :class:`dataset.images.UnreadableImageError` naming the file and the entry,
-because every image index is scored against every caption.
-"""
+Unreadable images: ``None`` in training, :class:`UnreadableImageError` in evaluation."""
 
 from __future__ import annotations
 
@@ -44,8 +36,7 @@ def _image_id_key(value: Any, path: str, index: int) -> Any:
 
 
 class RetrievalTrainDataset(Dataset):
-    """``(image, caption, image index)``: captions of one image share its index (0, 1, ... in order of
-    first appearance of its ``image_id``). An unreadable image gives ``None`` (see :attr:`collate_fn`)."""
+    """``(image, caption, image index)``; captions of one ``image_id`` share its index (first-seen order)."""
 
     def __init__(self, ann_file: str | Sequence[str], transform: Transform, image_root: str,
                  max_words: int = 30, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> None:
@@ -78,12 +69,8 @@ class RetrievalTrainDataset(Dataset):
 
 
 class RetrievalEvalDataset(Dataset):
-    """``(image, image index)`` over the images; ``text`` holds every caption (normalised, in file order),
-    ``txt2img[t]`` the image of caption ``t`` and ``img2txt[i]`` the captions of image ``i``.
-
-    A ``caption`` given as a single string counts as a one-caption list. An unreadable image raises
-    :class:`dataset.images.UnreadableImageError`; ``collate_fn`` is ``None`` (the default collate).
-    """
+    """``(image, image index)``; ``text`` holds every caption in file order, ``txt2img[t]`` its image and
+    ``img2txt[i]`` the captions of image ``i``. A single-string caption counts as a one-caption list."""
 
     def __init__(self, ann_file: str | Sequence[str], transform: Transform, image_root: str,
                  max_words: int = 30, key: str = "test_file",

@@ -10,8 +10,7 @@ _WHITESPACE_RUN = re.compile(r"\s{2,}")
 
 
 def _truncate_words(text: str, max_words: int) -> str:
-    # Splitting on a single space (not on any whitespace) matters for questions, whose inner
-    # double spaces survive normalisation and therefore count as empty "words".
+    # split on a single space: a question's inner double spaces count as empty "words"
     words = text.split(" ")
     if len(words) > max_words:
         return " ".join(words[:max_words])
@@ -28,11 +27,7 @@ def pre_caption(caption: str, max_words: int = 30) -> str:
 
 
 def pre_question(question: str, max_ques_words: int = 30) -> str:
-    """Normalise a VQA question like :func:`pre_caption`, but without collapsing whitespace.
-
-    Only trailing spaces are removed; leading and inner runs of spaces are kept, as in the
-    original SIMLA code.
-    """
+    """Normalise a VQA question like :func:`pre_caption`, keeping leading and inner spaces (as the original)."""
     text = _PUNCTUATION.sub("", question.lower())
     text = text.replace("-", " ").replace("/", " ")
     text = text.rstrip(" ")

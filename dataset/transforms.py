@@ -36,9 +36,7 @@ def map_pixels(x: torch.Tensor, eps: float = LOGIT_LAPLACE_EPS) -> torch.Tensor:
 
 
 def build_randaugment(config: Mapping[str, Any]) -> RandomAugment:
-    """RandAugment as used by all training pipelines (N=2, M=7, the ten pipeline ops), with the
-    config's ``randaugment_clip_sharpness`` and ``randaugment_fix_autocontrast`` (see
-    :mod:`dataset.randaugment`)."""
+    """RandAugment of all training pipelines (N=2, M=7, the ten pipeline ops) with the config's options."""
     return RandomAugment(
         N=2,
         M=7,
@@ -54,18 +52,13 @@ def _normalize() -> T.Normalize:
 
 
 def dvae_resolution(config: Mapping[str, Any]) -> int:
-    """Side of the d-VAE input: the d-VAE downsamples by 8, so its code grid matches the ViT patch
-    grid (``image_res // 2`` for the original's 16-pixel patches)."""
+    """Side of the d-VAE input, whose code grid (downsampled by 8) matches the ViT patch grid."""
     return patch_grid(config) * 8
 
 
 def build_transforms(config: Mapping[str, Any]) -> dict[str, Callable[[Image.Image], torch.Tensor]]:
-    """Build the five image pipelines of the original ``create_dataset``.
-
-    Keys: ``pretrain`` (ViT view), ``visual_tokenizer`` (d-VAE view at :func:`dvae_resolution`, mapped
-    with :func:`map_pixels`), ``train`` (retrieval / VQA / NLVR / VE), ``test`` (every eval split)
-    and ``grounding_train``.
-    """
+    """The original ``create_dataset`` pipelines: ``pretrain``, ``visual_tokenizer``, ``train``, ``test``,
+    ``grounding_train``."""
     res = int(config["image_res"])
     bicubic = InterpolationMode.BICUBIC
     return {
@@ -116,20 +109,11 @@ def build_transforms(config: Mapping[str, Any]) -> dict[str, Callable[[Image.Ima
 
 
 class PretrainViews:
-    """Produce the two pretraining views of one PIL image: ``(image, image_for_tokenization)``.
+    """The two pretraining views ``(image, image_for_tokenization)`` of one PIL image.
 
-    ``image`` is the normalised ViT input (``image_res``); ``image_for_tokenization`` is the d-VAE
-    input (:func:`dvae_resolution`, :func:`map_pixels`).
-
-    By default the views come from two independent random pipelines (different crop, flip and
-    RandAugment draws), as in the original SIMLA code, drawn in its order: tokenizer view first,
-    then ViT view. The masked-image-modelling targets of patch *p* then describe a different image
-    region than ViT patch *p*.
-
-    With ``mim_aligned_views: true`` in the config, both views share one geometry: a single
-    RandomResizedCrop box (scale 0.2-1.0) and flip decision produce the ``image_res`` crop, RandAugment
-    runs once on it, the ViT view is that result and the tokenizer view is its bicubic downsample to
-    :func:`dvae_resolution`. Every d-VAE code then describes exactly the region of the matching ViT patch.
+    By default two independent random pipelines, as the original (tokenizer view first), so MIM targets
+    of patch *p* describe a different region. ``mim_aligned_views: true`` shares one crop, flip and
+    RandAugment and downsamples it for the tokenizer, so the regions match.
     """
 
     def __init__(

@@ -25,14 +25,8 @@ VE_LABELS = {"entailment": 2, "neutral": 1, "contradiction": 0}
 
 
 class VeDataset(Dataset):
-    """Entries ``{"image": <id without extension>, "sentence": str, "label": str}``; the image file is
-    ``image_root/<id>.jpg``. A sample is ``(image, sentence, label)`` with entailment 2, neutral 1,
-    contradiction 0.
-
-    Unreadable images: with ``skip_unreadable`` (the default for the ``train_file`` split) the sample is
-    ``None`` and :attr:`collate_fn` replaces and counts it; otherwise (val / test)
-    :class:`dataset.images.UnreadableImageError` names the file and the entry.
-    """
+    """``(image, sentence, label)`` from ``{"image": id, "sentence", "label"}``; image ``image_root/<id>.jpg``,
+    labels entailment 2, neutral 1, contradiction 0. Unreadable: ``None`` if ``skip_unreadable``, else raise."""
 
     def __init__(self, ann_file: str | Sequence[str], transform: Callable[[Any], torch.Tensor], image_root: str,
                  max_words: int = 30, config_key: str = "train_file",

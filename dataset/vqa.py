@@ -1,15 +1,7 @@
 """VQA v2 and Visual Genome QA datasets (``create_dataset("vqa", config)``).
 
-Annotation entries: ``{"question": str, "image": <path relative to the root of its dataset>,
-"dataset": "vqa" | "vg", "answer": [str, ...] (vqa) | str (vg), "question_id": int (test)}``.
-Training samples are ``(image, question, answers, weights)``: each distinct VQA answer weighted by its
-share of the annotators (in first-occurrence order), a VG answer weighted 0.5, every answer followed by
-``[SEP]``. Test samples are ``(image, question, question_id)``; the test set also holds the candidate
-``answer_list`` and, when its entries carry annotator answers, ``answers_by_question_id`` for scoring.
-
-Unreadable images: a training sample becomes ``None`` (``collate_fn``, a :class:`CountedVQACollate`,
-drops and counts it); a test image raises :class:`dataset.images.UnreadableImageError` naming the file,
-the entry and the question, since every test question must be answered.
+Training samples ``(image, question, answers, weights)`` (VQA answers weighted by annotator share, VG
+0.5); test samples ``(image, question, question_id)``. Unreadable: ``None`` in training, else raise.
 """
 
 from __future__ import annotations

@@ -1,2 +1,1 @@
-"""The built-in demo: synthetic shapes data (``python -m demo.data``) and the task demo table
-(``python -m demo.task_demos``)."""
+"""The built-in demo: synthetic shapes data (``demo.data``) and the task demo table (``demo.task_demos``)."""

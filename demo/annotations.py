@@ -1,6 +1,5 @@
-"""Annotations of the demo data, correct by construction from each scene's layout: captions, VQA
-questions with annotator answers, NLVR2 statements, SNLI-VE hypotheses and RefCOCO+-style referring
-expressions with boxes."""
+"""Annotations of the demo data, correct by construction from each scene's layout (captions, VQA, NLVR2,
+SNLI-VE, referring expressions with boxes)."""
 
 from __future__ import annotations
 
@@ -456,10 +455,7 @@ def grounding_annotations(
 
 
 def _jitter_box(bbox: Sequence[float], image_size: int, rng: random.Random) -> list[float]:
-    """Detector-like copy of a true box: each side moved by up to 5% of the box (at most one pixel).
-
-    The copy always overlaps the true box with IoU above 0.5, the grounding hit threshold.
-    """
+    """Detector-like copy of a true box (sides moved by up to 5%); always IoU above 0.5 with it."""
     x, y, w, h = bbox
     ax, ay = min(1.0, 0.05 * w), min(1.0, 0.05 * h)
     x0 = min(max(0.0, x + rng.uniform(-ax, ax)), image_size - 1.0)

@@ -1,19 +1,10 @@
-"""Built-in demo data: a small synthetic vision-language dataset of coloured shapes.
-
-Every task script can run end to end on it without downloading anything.  Images are PNG
-drawings of 1-3 coloured geometric shapes placed on a 3x3 grid (five slots: top, left, centre,
-right, bottom) over a plain or lightly noisy grey background.  Captions, VQA questions, NLVR2
-statements, SNLI-VE hypotheses and referring expressions are generated from the known scene
-layout, so every annotation is correct by construction.
-
-Usage::
+"""Built-in demo data: a small synthetic vision-language dataset of coloured shapes, so every task
+script runs end to end without downloads.
 
     python -m demo.data --out_dir demo_data --seed 0 [--num_train 256 --num_test 64 --image_size 64]
 
-Everything is deterministic in ``seed``: separate ``random.Random`` streams (and numpy generators
-seeded from them) are derived for each image split and each annotation family, never the global
-random state.  Generation is skipped when ``out_dir`` already holds a complete dataset for the same
-arguments (see ``manifest.json``).
+Deterministic in ``seed`` (own ``random.Random`` streams per split and annotation family); skipped when
+``out_dir`` already holds the same dataset (``manifest.json``).
 """
 
 from __future__ import annotations
@@ -129,11 +120,8 @@ def generate_demo_data(
 ) -> dict[str, str]:
     """Write the demo dataset to ``out_dir`` and return :func:`demo_paths` for it.
 
-    Splits: ``train`` (``num_train_images``), ``test`` and ``test2`` (``num_test_images`` each;
-    ``test2`` is drawn from a different stream, for zero-shot evaluation).  Validation files use the
-    first half of ``test`` and test files the second half (retrieval, NLVR2, SNLI-VE); VQA tests on
-    all of ``test``; grounding refs of ``test`` images cycle through ``val``/``testA``/``testB``.
-    Nothing is rewritten when ``out_dir`` already holds the same dataset, unless ``force``.
+    Splits ``train``, ``test`` (val: first half, test: second half) and ``test2`` (another stream, for
+    zero-shot evaluation). Nothing is rewritten for the same dataset unless ``force``.
     """
     if num_train_images < MIN_NUM_TRAIN or num_test_images < MIN_NUM_TEST:
         raise ValueError(f"need at least {MIN_NUM_TRAIN} train and {MIN_NUM_TEST} test images")
@@ -186,7 +174,7 @@ def generate_demo_data(
     captions = {scene.name: scene_captions(scene, rng) for scene in train + test + test2}
     pretrain: list[dict[str, Any]] = []
     for index, scene in enumerate(train):
-        # even entries carry every paraphrase (a list), odd ones a single string: both forms occur
+        # even entries carry every paraphrase (a list), odd ones a single string
         texts = captions[scene.name]
         caption = texts if index % 2 == 0 else rng.choice(texts)
         pretrain.append({"image": str(root / scene.rel_path), "caption": caption})

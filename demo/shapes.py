@@ -1,5 +1,4 @@
-"""Shapes of the demo data: the vocabulary of colours, shapes, sizes and positions, scene layout and
-image drawing."""
+"""Shapes of the demo data: vocabulary of colours, shapes, sizes and positions, scene layout, drawing."""
 
 from __future__ import annotations
 
@@ -139,12 +138,8 @@ def demo_words() -> list[str]:
 
 
 def build_demo_vocab(path: str | Path | None = DEMO_VOCAB, base_vocab: str | Path = BASE_VOCAB) -> list[str]:
-    """Build the demo WordPiece vocabulary: ``base_vocab`` unchanged, then every missing demo word.
-
-    The base file keeps BERT's special-token layout (``[PAD]`` = 0, ``[UNK]`` = 100, ``[CLS]`` = 101,
-    ``[SEP]`` = 102, ``[MASK]`` = 103), so the result does too.  Writes the vocabulary to ``path``
-    (one token per line) unless ``path`` is ``None``; returns the token list.
-    """
+    """Build the demo WordPiece vocabulary: ``base_vocab`` (BERT special-token ids kept), then every missing
+    demo word; written to ``path`` unless ``None``. Returns the token list."""
     base = Path(base_vocab).read_text(encoding="utf-8").splitlines()
     known = set(base)
     tokens = base + [word for word in demo_words() if word not in known]

@@ -2,12 +2,8 @@
 
     python -m demo.task_demos [--out_dir output] [--rows retrieval vqa ...] [--threads 1] [--json table.json]
 
-Generates ``demo_data/`` when it is missing, runs the demo pretraining and the fine-tuning commands of
-the README's "Task demos" and, for the "untrained" column, each script with ``--evaluate`` and no
-checkpoint (``NLVR.py`` has no ``--evaluate``: one epoch at learning rate 0). Every run gets
-``--deterministic``, ``--num_workers`` and ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` set to ``--threads``,
-so the table repeats bitwise with the same torch build and CPU. The figures are read from each run's
-``log.txt``; each run's console output is kept as ``console.txt`` in its folder, which is emptied first.
+Every run is ``--deterministic`` with ``--threads`` threads, so the table repeats bitwise on the same
+torch build and CPU; figures come from each run's ``log.txt``, output is kept as ``console.txt``.
 """
 
 from __future__ import annotations
@@ -199,8 +195,7 @@ def run_env(threads: int) -> dict[str, str]:
 
 
 def execute(run: Run, out_dir: Path, threads: int, num_workers: int) -> float:
-    """Run ``run`` from an emptied output folder; its console output goes to ``console.txt`` there.
-    Returns the seconds it took; a failure exits naming the run and showing the end of its output."""
+    """Run ``run`` from an emptied folder (output to ``console.txt``); return seconds, or exit on failure."""
     folder = REPO_ROOT / out_dir / run.name
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
@@ -230,8 +225,7 @@ def loss_lines(folder: Path) -> list[str]:
 
 
 def platform_line() -> str:
-    """What the figures depend on beyond the flags: the torch build, the CPU architecture and the
-    instruction set torch's CPU kernels use, e.g. ``torch 2.14.1+cu130, x86_64, CPU capability AVX512``."""
+    """The torch build, CPU architecture and CPU capability the figures depend on."""
     import torch
 
     return (f"torch {torch.__version__}, {platform.machine()}, "

@@ -16,12 +16,10 @@ from models.precision import autocast
 def evaluate_accuracy(model: torch.nn.Module, loader: Iterable,
                       predict: Callable[[Any], tuple[torch.Tensor, torch.Tensor]], device: torch.device,
                       amp: str = "none", print_freq: int = 50) -> dict[str, str]:
-    """Mean accuracy of ``argmax(logits)`` over the loader, all processes together.
+    """Mean accuracy of ``argmax(logits)`` over all processes; ``predict(batch)`` returns ``(logits, targets)``.
 
-    ``predict(batch)`` returns ``(logits, targets)``. Each batch contributes its accuracy weighted by
-    its size; the totals are summed over processes (distributed samplers pad the last ranks with
-    repeated samples, which count like the others, as in the original). Returns ``{"acc": "%.4f"}``
-    (a fraction).
+    Padded repeats of distributed samplers count like the others, as in the original. Returns
+    ``{"acc": "%.4f"}`` (a fraction).
     """
     model.eval()
     logger = MetricLogger(delimiter="  ")
@@ -41,8 +39,7 @@ def evaluate_accuracy(model: torch.nn.Module, loader: Iterable,
 def accuracy_evaluation(model: torch.nn.Module, splits: Mapping[str, Iterable],
                         predict: Callable[[Any], tuple[torch.Tensor, torch.Tensor]], device: torch.device,
                         amp: str = "none") -> Callable[[int], Evaluation]:
-    """The evaluation of a classification task for :func:`engine.fit.fit`: every split's accuracy
-    (``<split>_acc`` in the log and the tracker); the first split's picks the best checkpoint."""
+    """Every split's accuracy (``<split>_acc``) for :func:`engine.fit.fit`; the first split picks the best."""
 
     def evaluate(epoch: int) -> Evaluation:
         stats = {split: evaluate_accuracy(model, loader, predict, device, amp) for split, loader in splits.items()}
@@ -62,8 +59,7 @@ def _tokenize(tokenizer: Any, sentences: Any, device: torch.device) -> Any:
 
 def classifier_step(model: torch.nn.Module, tokenizer: Any, config: Mapping[str, Any], device: torch.device,
                     epoch: int, unpack: Unpack) -> Callable[[Any, int, int], dict[str, torch.Tensor]]:
-    """The training iteration of a distilled classifier (NLVR2, SNLI-VE); alpha ramps up in epoch 0 only
-    with ``warm_up: true``."""
+    """Training step of a distilled classifier (NLVR2, SNLI-VE); alpha ramps in epoch 0 with ``warm_up``."""
     alpha_max = float(config["alpha"])
     ramp = epoch == 0 and bool(config["warm_up"])
 

@@ -20,10 +20,7 @@ def default_num_workers() -> int:
 def base_parser(description: str, default_config: str, default_output_dir: str,
                 training: bool = True) -> argparse.ArgumentParser:
     """The original flags with their defaults; boolean flags accept true/false/1/0/yes/no.
-
-    ``training`` adds the flags of scripts that train: ``--resume``, ``--save_every_steps``,
-    ``--skip_nonfinite`` and ``--step_in_backward``.
-    """
+    ``training`` adds ``--resume``, ``--save_every_steps``, ``--skip_nonfinite``, ``--step_in_backward``."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", default=default_config, help="YAML config file")
     parser.add_argument("--checkpoint", default="", help="checkpoint to start from ('' for none)")

@@ -18,10 +18,7 @@ class ReplicaMismatchError(RuntimeError):
 
 
 def state_fingerprint(state_dict: Mapping[str, torch.Tensor]) -> str:
-    """SHA-256 (hex) over the names, dtypes, shapes and exact bytes of every tensor, in key order.
-
-    Two state dicts have the same fingerprint only if they are bitwise identical.
-    """
+    """SHA-256 over names, dtypes, shapes and bytes of every tensor: equal only if bitwise identical."""
     digest = hashlib.sha256()
     for name in sorted(state_dict):
         tensor = state_dict[name]
@@ -35,9 +32,7 @@ def state_fingerprint(state_dict: Mapping[str, torch.Tensor]) -> str:
 
 
 def check_replicas_agree(model: torch.nn.Module) -> str:
-    """Fingerprint ``model.state_dict()`` on every process and raise :class:`ReplicaMismatchError`
-    naming the disagreeing ranks if they differ; returns the fingerprint. Without a process group
-    only the fingerprint is computed."""
+    """Fingerprint the model on every process; raise :class:`ReplicaMismatchError` naming ranks that differ."""
     fingerprint = state_fingerprint(model.state_dict())
     if not is_dist_avail_and_initialized():
         return fingerprint

@@ -1,6 +1,5 @@
-"""Distributed set-up: process-group initialisation from torchrun or SLURM variables, its timeout, NCCL
-error handling and rank-aware ``print``. Every collective is skipped without a process group, so
-single-process runs need none; the primitives (ranks, barrier, gathers) are in :mod:`utils`."""
+"""Distributed set-up: process-group init from torchrun/SLURM, timeout, NCCL error handling, rank-aware
+``print``. Collectives are skipped without a process group."""
 
 from __future__ import annotations
 
@@ -35,21 +34,15 @@ def _env_int(name: str) -> int | None:
     return int(value) if value not in (None, "") else None
 
 
-# Seconds a collective (and the rendezvous) may wait for the other processes when ``args`` carries no
-# ``dist_timeout`` (the value of the --dist_timeout flag's default).
+# Default collective/rendezvous timeout in seconds (that of --dist_timeout).
 DEFAULT_DIST_TIMEOUT_S = 1800.0
 
-# Environment variables that set what the NCCL watchdog does with a failed or timed-out collective;
-# the first is read by current PyTorch, the second is its older spelling.
+# NCCL watchdog error-handling variables (current and older spelling).
 _NCCL_ERROR_HANDLING_VARS = ("TORCH_NCCL_ASYNC_ERROR_HANDLING", "NCCL_ASYNC_ERROR_HANDLING")
 
 
 def dist_timeout(args: Any) -> datetime.timedelta:
-    """The process-group timeout from ``args.dist_timeout`` (seconds; the default when absent or None).
-
-    Every collective (and the rendezvous in ``init_process_group``) fails with an error after waiting
-    this long for a peer, instead of blocking forever when a peer died or hangs.
-    """
+    """Process-group timeout from ``args.dist_timeout`` (seconds; default when absent or None)."""
     value = getattr(args, "dist_timeout", None)
     raw = DEFAULT_DIST_TIMEOUT_S if value is None else value
     try:
@@ -62,12 +55,9 @@ def dist_timeout(args: Any) -> datetime.timedelta:
 
 
 def enable_nccl_error_handling() -> None:
-    """Make the NCCL watchdog tear the process down when a collective fails or times out.
+    """Make the NCCL watchdog abort the process when a collective fails or times out (mode 3).
 
-    Without it a rank whose peer died could wait inside a CUDA kernel forever. Mode 3 aborts the
-    process without the communicator clean-up (which can itself hang). An explicit setting by the user
-    is kept; turning it off (0) is allowed, with a warning that timeouts then go unnoticed. Must run
-    before the NCCL process group is created, which reads the variable.
+    A user's setting is kept (0 with a warning). Must run before the NCCL group is created.
     """
     for name in _NCCL_ERROR_HANDLING_VARS:
         value = os.environ.get(name, "").strip()
@@ -81,22 +71,11 @@ def enable_nccl_error_handling() -> None:
 
 
 def init_distributed_mode(args: Any) -> None:
-    """Initialise torch.distributed from the environment and record the result on ``args``.
+    """Initialise torch.distributed from torchrun or SLURM variables; set ``args.rank``,
+    ``world_size``, ``gpu``, ``distributed``, ``dist_backend``.
 
-    Sets ``args.rank``, ``args.world_size``, ``args.gpu``, ``args.distributed`` and
-    ``args.dist_backend``. Recognised launchers: ``torchrun`` / ``torch.distributed.launch --use_env``
-    (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``) and SLURM (``SLURM_PROCID``, ``SLURM_NTASKS``,
-    ``SLURM_LOCALID``). Without either, prints ``Not using distributed mode`` and runs single-process.
-    The backend is nccl when CUDA is available and ``args.device`` is a CUDA device, gloo otherwise;
-    ``torch.cuda.set_device`` is only called for nccl. Afterwards ``print`` is silenced on non-zero
-    ranks (``print(..., force=True)`` still prints); in single-process mode the ``force`` keyword is
-    accepted too. A one-process launch without a rendezvous address (``env://`` and no
-    ``MASTER_ADDR``, e.g. a single SLURM task) runs without a process group.
-
-    The process group gets the timeout ``args.dist_timeout`` (seconds, see :func:`dist_timeout`): a
-    collective that waits longer for a peer raises instead of hanging. For nccl the watchdog's
-    asynchronous error handling is switched on (:func:`enable_nccl_error_handling`) so that a timed-out
-    collective aborts the process even while it is blocked in a CUDA kernel.
+    nccl for CUDA devices, gloo otherwise; ``print`` is silenced on non-zero ranks unless ``force=True``.
+    A one-process launch without ``MASTER_ADDR`` runs without a process group.
     """
     cuda_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     rank = _env_int("RANK")
@@ -120,7 +99,6 @@ def init_distributed_mode(args: Any) -> None:
         and dist_url == "env://"
         and "MASTER_ADDR" not in os.environ
     ):
-        # one process and no rendezvous address (e.g. a single SLURM task): nothing to synchronise with
         rank = None
 
     if rank is None or world_size is None or gpu is None:

@@ -1,8 +1,4 @@
-"""The epoch loop every training script runs: train, evaluate, log, keep the best, save, step the schedule.
-
-A script describes its task with a :class:`FitPlan` (the step, the evaluation returning an
-:class:`Evaluation`, when the schedule steps, which files are written) and calls :func:`fit`.
-"""
+"""The epoch loop every training script runs (train, evaluate, log, keep the best, save, step), from a :class:`FitPlan`."""
 
 from __future__ import annotations
 
@@ -28,8 +24,7 @@ StepFn = Callable[[Any, int, int], Mapping[str, torch.Tensor]]
 
 @dataclass
 class Evaluation:
-    """One evaluation: ``log.txt`` entries, tracker metrics, and the score that picks the best checkpoint
-    (``None`` where this process has no score: it comes from the main process)."""
+    """``log.txt`` entries, tracker metrics and the best-checkpoint score (``None`` off the main process)."""
 
     log: dict[str, Any] = field(default_factory=dict)
     track: dict[str, float] = field(default_factory=dict)
@@ -64,8 +59,7 @@ class FitResult:
 def fit(model: torch.nn.Module, plan: FitPlan, parts: TrainingParts, point: ResumePoint, tracker: Any,
         output_dir: str, device: torch.device, keep_last: bool = False,
         after: Callable[[int], None] | None = None) -> FitResult:
-    """Run the epochs from ``point`` (a resumed run's position) to ``plan.epochs``; ``after(last_epoch)``
-    runs once the loop is done (a final evaluation, a consistency check), before the time is printed."""
+    """Run the epochs from ``point`` to ``plan.epochs``; ``after(last_epoch)`` runs once the loop is done."""
     optimizer, scheduler, scaler, checkpointer = parts
     warmup = plan.settings.warmup_epochs
     best = float(point.extra.get(plan.best_key, 0.0)) if plan.best_key else None

@@ -1,16 +1,8 @@
-"""Weakly supervised grounding evaluation: Grad-CAM maps per referring expression, per-rank result
-files, and box selection and accuracy as the original ``grounding_eval``.
+"""Weakly supervised grounding evaluation: Grad-CAM maps, per-rank result files, box selection and
+accuracy as the original ``grounding_eval`` (IoU >= 0.5, inclusive pixels; ``val_d``/``testA_d``/``testB_d``).
 
-For each referring expression the map is upsampled (bicubic, ``align_corners=False``) to the image's
-height x width; every detector box ``[x, y, w, h]`` of the image gets the score
-``map[int(y):int(y+h), int(x):int(x+w)].sum() / (w*h) ** 0.5`` and the first box with the largest
-score above 0 is chosen. The expression is correct when the chosen box overlaps the ground-truth
-box with IoU >= 0.5 (inclusive-pixel IoU: a box covers pixels ``x .. x+w-1``). Accuracy is reported
-per REFER split as ``val_d``, ``testA_d``, ``testB_d`` (fractions).
-
-When no box scores above 0 the original reuses the box chosen for the previous expression
-(``grounding_skip_empty_fix: false``, the default); ``true`` picks the best-scoring box instead. An
-expression with no box to reuse (the original stops with a NameError there) counts as a miss.
+With no box scoring above 0 the original reuses the previous expression's box
+(``grounding_skip_empty_fix: false``); ``true`` picks the best box. Nothing to reuse counts as a miss.
 """
 
 from __future__ import annotations
@@ -45,8 +37,7 @@ Box = Sequence[float]
 
 def grounding_maps(model: Any, data_loader: Iterable, tokenizer: Any, device: torch.device, gradcam_mode: str,
                    block_num: int, amp: str = "none") -> list[dict[str, Any]]:
-    """``[{"ref_id": int, "pred": map (rows, cols) on the CPU}, ...]`` for this process's test batches
-    (the original ``val``; run on the model without DDP, in eval mode, with gradients)."""
+    """``[{"ref_id", "pred": map (rows, cols) on CPU}]`` for this process's test batches (with gradients)."""
     model.eval()
     logger = MetricLogger(delimiter="  ")
     result: list[dict[str, Any]] = []
@@ -61,8 +52,7 @@ def grounding_maps(model: Any, data_loader: Iterable, tokenizer: Any, device: to
 
 
 def collect_result(result: list[dict[str, Any]], result_dir: str, filename: str) -> list[dict[str, Any]] | None:
-    """Write this process's ``<filename>_rank<r>.pth``; the main process then returns every rank's
-    results concatenated in rank order (other processes get ``None``; no merged file is written)."""
+    """Write ``<filename>_rank<r>.pth``; the main process returns all ranks' results in order, others None."""
     os.makedirs(result_dir, exist_ok=True)
     path = os.path.join(result_dir, f"{filename}_rank{get_rank()}.pth")
     tmp = path + ".tmp"
@@ -92,8 +82,7 @@ def upsample_map(pred: torch.Tensor, height: int, width: int) -> torch.Tensor:
 
 
 def box_score(mask: torch.Tensor, box: Box, alpha: float = BOX_SCORE_ALPHA) -> float:
-    """Summed heat inside the box (pixel rows ``int(y):int(y+h)``, columns ``int(x):int(x+w)``)
-    divided by ``(w*h) ** alpha``; computed in float32 as the original."""
+    """Summed heat inside the box divided by ``(w*h) ** alpha``, in float32 as the original."""
     x, y, w, h = (float(v) for v in box[:4])
     heat = mask[int(y):int(y + h), int(x):int(x + w)].sum()
     return float(heat / (w * h) ** alpha)
@@ -101,8 +90,7 @@ def box_score(mask: torch.Tensor, box: Box, alpha: float = BOX_SCORE_ALPHA) -> f
 
 def select_box(scores: Sequence[float], boxes: Sequence[Box], previous: list[float] | None,
                skip_empty_fix: bool = False) -> list[float] | None:
-    """The first box with the largest score above 0; without one, ``previous`` (the original) or,
-    with ``skip_empty_fix``, the first best-scoring box whatever its sign."""
+    """The first box with the largest score above 0; else ``previous`` or, with ``skip_empty_fix``, the best."""
     best, chosen = 0.0, None
     for score, box in zip(scores, boxes):
         if score > best:
@@ -135,8 +123,7 @@ def compute_iou(box1: Box, box2: Box) -> float:
 
 @dataclass
 class GroundingOutcome:
-    """Per expression (in result order): ref id, split, chosen box (``None`` = none), IoU; and the
-    accuracy per split."""
+    """Per expression: ref id, split, chosen box (``None`` = none), IoU; and accuracy per split."""
 
     ref_ids: list[int] = field(default_factory=list)
     splits: list[str] = field(default_factory=list)
@@ -159,11 +146,7 @@ def evaluate_grounding(results: Sequence[Mapping[str, Any]], dets: Mapping[str, 
                        alpha: float = BOX_SCORE_ALPHA, skip_empty_fix: bool = False,
                        det_file: str = "det_file") -> GroundingOutcome:
     """Choose a detection box per result from its upsampled map and score it against the REFER box.
-
-    ``refer`` provides ``Refs[ref_id]`` (``image_id``, ``split``), ``refToAnn[ref_id]["bbox"]`` and
-    ``Imgs[image_id]`` (``height``, ``width``). Every split of :data:`GROUNDING_SPLITS` needs at least
-    one result (the original divides by each split's count).
-    """
+    Every split of :data:`GROUNDING_SPLITS` needs at least one result."""
     outcome = GroundingOutcome()
     correct = dict.fromkeys(GROUNDING_SPLITS, 0)
     total = dict.fromkeys(GROUNDING_SPLITS, 0)
@@ -209,9 +192,7 @@ def grounding_eval(results: Sequence[Mapping[str, Any]], dets: Mapping[str, Any]
 
 def check_evaluation_inputs(ref_ids: Iterable[int], refer: Any, dets: Mapping[str, Any], test_files: Any,
                             det_file: str) -> dict[str, int]:
-    """Fail before training when a test expression cannot be evaluated: its ``ref_id`` is not in the
-    REFER annotations, its image has no size or no detections, or a split has no expression.
-    Returns the number of expressions per split."""
+    """Fail before training if a test expression cannot be evaluated; return expressions per split."""
     counts = dict.fromkeys(GROUNDING_SPLITS, 0)
     unknown: list[int] = []
     no_image: list[Any] = []
@@ -243,9 +224,7 @@ def check_evaluation_inputs(ref_ids: Iterable[int], refer: Any, dets: Mapping[st
 
 
 def load_evaluation_inputs(config: Mapping[str, Any], ref_ids: Iterable[int]) -> tuple[Any, dict[str, Any]]:
-    """The REFER annotations (``refcoco_data``) and detections (``det_file``) the evaluation reads,
-    checked against the test expressions before training (``coco_file`` is read by the original but
-    never used)."""
+    """The REFER annotations and detections the evaluation reads, checked against the test expressions."""
     refer = ReferAnnotations.load(config["refcoco_data"], REFER_DATASET, REFER_SPLIT_BY)
     dets = read_json(config["det_file"])
     if not isinstance(dets, dict):

@@ -1,12 +1,8 @@
 """Using a trained model: :func:`load` a checkpoint, then score, search and rank images and texts,
-compute Grad-CAM maps and answer questions; :func:`export` writes the weights as safetensors.
+compute Grad-CAM maps and answer questions; :func:`export` writes safetensors.
 
-The numbers are those of the evaluations, computed by their functions: ITC similarities of the
-normalised features (no temperature) and, for ranking, the ``k_test`` best candidates by ITC
-re-ranked by the ITM head's match logit (:mod:`engine.retrieval_eval`); the Grad-CAM map of the
-grounding evaluation (:mod:`engine.grounding_eval`); the ``k_test`` answers VQA.py re-ranks
-(:mod:`engine.vqa_eval`). Images are read and transformed as the evaluation datasets do (the
-config's test-time transform); they may be paths, PIL images or transformed tensors.
+Numbers are those of the evaluations, computed by their functions; images may be paths, PIL images or
+transformed tensors and are read as the evaluation datasets do.
 """
 
 from __future__ import annotations
@@ -66,9 +62,8 @@ class SearchResult:
 
 @dataclass
 class Grounding:
-    """A Grad-CAM map: ``map`` on the patch grid ``(rows, cols)``, ``heat`` resized bicubically to the
-    image's ``(height, width)`` (as the grounding evaluation scores boxes), and, given boxes, each
-    box's score and the box the evaluation chooses."""
+    """A Grad-CAM map: ``map`` on the patch grid, ``heat`` resized bicubically to the image size, and,
+    given boxes, each box's score and the chosen box."""
 
     map: torch.Tensor
     heat: torch.Tensor
@@ -135,8 +130,7 @@ class Predictor(_ModelInputs):
 
     def cached_image_features(self, images: Sequence[ImageInput], cache: str | os.PathLike | None
                               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`encode_images`, read from / written to the safetensors file ``cache`` when the images are
-        all paths (the file is reused while it lists the same paths)."""
+        """:meth:`encode_images`, cached in the safetensors file ``cache`` when all images are paths."""
         images = list(images)
         keyed = cache is not None and all(isinstance(i, (str, os.PathLike)) for i in images)
         names = [os.path.abspath(str(i)) for i in images] if keyed else []
@@ -160,8 +154,7 @@ class Predictor(_ModelInputs):
     @torch.no_grad()
     @_in_precision
     def similarity(self, images: Sequence[ImageInput], texts: Sequence[str], rerank: bool = False) -> Similarity:
-        """ITC similarities of every image with every text; with ``rerank`` also the ITM match
-        probabilities of every pair."""
+        """ITC similarities of every image with every text; with ``rerank`` also ITM match probabilities."""
         feats, image_embeds = self.encode_images(images)
         ids, mask, text_embeds = self.encode_texts(texts)
         itc = (image_embeds @ text_embeds.t()).float()
@@ -187,12 +180,8 @@ class Predictor(_ModelInputs):
     @_in_precision
     def search(self, query: str | ImageInput, candidates: Sequence[Any], k: int = 10,
                cache: str | os.PathLike | None = None) -> list[SearchResult]:
-        """Rank ``candidates`` for ``query`` as the retrieval evaluation does: the ``k_test`` best by ITC,
-        ordered by the ITM match logit; the first ``k`` (at most ``k_test``) are returned.
-
-        A text query (a ``str``) searches images (``cache``: see :meth:`cached_image_features`); an image
-        query (a ``pathlib.Path``, PIL image or tensor) searches texts.
-        """
+        """Rank ``candidates`` as the retrieval evaluation does (top ``k_test`` by ITC, by ITM logit);
+        a ``str`` query searches images, an image query searches texts. Returns the first ``k``."""
         candidates = list(candidates)
         if isinstance(query, str):
             feats, image_embeds = self.cached_image_features(candidates, cache)
@@ -206,7 +195,6 @@ class Predictor(_ModelInputs):
             num_texts = len(candidates)
         top = itc.topk(min(self.k_test, itc.shape[0])).indices
         features = RetrievalFeatures(ids, mask, text_embeds, image_embeds, feats)
-        # the candidates' pair ids are their indices (one query on its side); scored as the evaluation scores them
         order = torch.argsort(top)
         logits = torch.empty(top.shape[0], device=self.device)
         logits[order] = score_pairs(self.model, top[order], num_texts, features, self.pair_batch,
@@ -217,8 +205,7 @@ class Predictor(_ModelInputs):
     @_in_precision
     def ground(self, image: ImageInput, text: str, block_num: int = DEFAULT_BLOCK_NUM, mode: str = "itm",
                boxes: Sequence[Sequence[float]] | None = None) -> Grounding:
-        """The grounding evaluation's Grad-CAM map of ``text`` on ``image`` (``mode`` itm or itc, layer or
-        block ``block_num``); with ``boxes`` (``x, y, w, h`` in pixels of the image) the box it chooses."""
+        """Grad-CAM map of ``text`` on ``image``; with ``boxes`` (``x, y, w, h`` pixels) the chosen box."""
         tensor = self.image_tensor(image)
         if isinstance(image, torch.Tensor):
             height, width = tensor.shape[-2:]
@@ -241,8 +228,7 @@ class VQAPredictor(_ModelInputs):
     @_in_precision
     def answer(self, image: ImageInput, question: str, answer_list: Sequence[str] | None = None
                ) -> list[tuple[str, float]]:
-        """``(answer, probability)`` of the ``k_test`` answers VQA.py re-ranks, best first (the first is
-        VQA.py's answer); the candidates are ``answer_list`` or the config's ``answer_list`` file."""
+        """``(answer, probability)`` of the ``k_test`` re-ranked answers, best first (VQA.py's answer)."""
         if answer_list is None:
             answer_list = load_answer_list(self.config["answer_list"])
         answers = list(answer_list)
@@ -274,8 +260,7 @@ CONFIG_FILE = "config.yaml"
 
 def export(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
            config: str | os.PathLike | dict[str, Any] | None = None, trust: bool = False) -> str:
-    """Write the model state of ``checkpoint`` as ``out_dir/model.safetensors`` and its config (the one
-    saved in the checkpoint, or ``config``) as ``out_dir/config.yaml``; return ``out_dir``."""
+    """Write ``out_dir/model.safetensors`` and ``out_dir/config.yaml``; return ``out_dir``."""
     from safetensors.torch import save_file
 
     state = read_checkpoint(str(checkpoint), trust=trust)
@@ -310,13 +295,11 @@ def _read_exported(path: str) -> dict[str, Any]:
 def load(checkpoint: str | os.PathLike, config: str | os.PathLike | dict[str, Any] | None = None,
          text_encoder: str = "bert-base-uncased", device: str | torch.device = "cpu", task: str = "retrieval",
          trust: bool = False, amp: str = "none") -> Predictor | VQAPredictor:
-    """Build the model of ``task`` and ``config`` (by default the config saved with the weights), load
-    ``checkpoint`` into it through the task's filter and return it in eval mode on ``device``.
+    """Build the model of ``task`` and ``config`` (default: the saved one), load ``checkpoint`` and
+    return it in eval mode on ``device``.
 
-    ``task="retrieval"`` (a :class:`Predictor`) reads pretraining and retrieval checkpoints of this
-    project or the original; ``task="vqa"`` (a :class:`VQAPredictor`) a VQA checkpoint. A folder or
-    ``model.safetensors`` written by :func:`export` is read without pickle. ``amp`` (``bf16`` or ``fp16``)
-    runs the model under autocast, e.g. bf16 on a GPU.
+    ``task`` is ``retrieval`` (:class:`Predictor`) or ``vqa`` (:class:`VQAPredictor`); an :func:`export`
+    folder is read without pickle; ``amp`` (``bf16``/``fp16``) runs under autocast.
     """
     if task not in ("retrieval", "vqa"):
         raise ValueError(f"task must be 'retrieval' or 'vqa', got {task!r}")

@@ -41,8 +41,7 @@ class EpochSettings:
 
     @classmethod
     def for_run(cls, args: Any, loss_names: tuple[str, ...], **task: Any) -> EpochSettings:
-        """The settings of a training script: the task's own values plus the run's command-line options
-        (``--amp``, ``--skip_nonfinite``, ``--save_every_steps``, ``--step_in_backward``)."""
+        """The task's settings plus ``--amp``, ``--skip_nonfinite``, ``--save_every_steps``, ``--step_in_backward``."""
         return cls(loss_names=loss_names, amp=args.amp, skip_nonfinite=args.skip_nonfinite,
                    save_every_steps=args.save_every_steps, step_in_backward=args.step_in_backward, **task)
 
@@ -94,8 +93,7 @@ def _run_steps(model: torch.nn.Module, loader: Iterable, optimizer: torch.optim.
                settings: EpochSettings, scaler: torch.amp.GradScaler | None, stepper: StepInBackward | None,
                logger: MetricLogger, on_step: Callable[[int, Mapping[str, float], torch.nn.Module], None] | None,
                start_step: int, save_step: Callable[[int], None] | None, num_batches: int) -> tuple[int, int]:
-    """The steps of one epoch (see :func:`train_one_epoch`); returns the unreadable samples and the skipped
-    steps of this process."""
+    """The steps of one epoch; returns this process's unreadable samples and skipped steps."""
     skipped_samples = 0
     skipped_steps = 0
     header = settings.header.format(epoch=epoch)
@@ -127,8 +125,7 @@ def _run_steps(model: torch.nn.Module, loader: Iterable, optimizer: torch.optim.
                                          "--skip_nonfinite skips such steps instead")
             skipped_steps += 1
             print(f"warning: non-finite loss at {where}: {detail}; step skipped ({skipped_steps} this epoch)")
-            # every process runs backward so distributed gradient hooks stay in step; nothing is applied.
-            # The buffers are restored only afterwards: autograd may have saved some of them (position ids)
+            # every process runs backward so gradient hooks stay in step; buffers restored afterwards
             total.backward()
             optimizer.zero_grad(set_to_none=True)
             with torch.no_grad():
@@ -166,16 +163,11 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable, optimizer: torch.o
                     on_step: Callable[[int, Mapping[str, float], torch.nn.Module], None] | None = None,
                     start_step: int = 0, save_step: Callable[[int], None] | None = None,
                     ) -> dict[str, str]:
-    """Run one epoch: for each batch ``step_fn(batch, i, num_batches)`` returns the named losses,
-    whose sum is back-propagated; the LR warm-up steps inside epoch 0 as the original.
+    """Run one epoch: ``step_fn(batch, i, num_batches)`` returns the named losses, their sum is
+    back-propagated; the LR warm-up steps inside epoch 0 as the original.
 
-    Loaders built with :class:`dataset.collate.SafeCollate` yield ``(batch, num_failed)``: failed
-    samples are counted in the ``skipped`` meter and a batch in which every sample failed is skipped.
-
-    ``start_step`` continues an epoch from a mid-epoch checkpoint (the sampler must already start at
-    that batch); ``save_step(next_step)`` is called after every ``settings.save_every_steps``-th step.
-    A NaN or infinite loss raises :class:`NonFiniteLossError` naming the step and every loss value,
-    or, with ``settings.skip_nonfinite``, drops that step (no update; queues restored) and counts it.
+    ``start_step`` resumes mid-epoch; ``save_step(next_step)`` every ``save_every_steps`` steps. A
+    non-finite loss raises :class:`NonFiniteLossError` or, with ``skip_nonfinite``, skips the step.
     """
     model.train()
     logger = MetricLogger(delimiter="  ")
@@ -196,7 +188,6 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable, optimizer: torch.o
         if stepper is not None:
             stepper.remove()
     logger.synchronize_between_processes()
-    # unreadable samples (and the model's own counts) are counted where they occurred; the log reports the job
     skipped_samples = _job_total(skipped_samples, device)
     model_counts = getattr(getattr(model, "module", model), "epoch_counters", None)
     counted = {name: _job_total(value, device) for name, value in (model_counts() if model_counts else {}).items()}
@@ -222,9 +213,7 @@ def train_epoch(model: torch.nn.Module, loader: Iterable, optimizer: torch.optim
                 epoch: int, device: torch.device, step_fn: Callable[[Any, int, int], Mapping[str, torch.Tensor]],
                 settings: EpochSettings, *, scaler: torch.amp.GradScaler | None, checkpointer: Any, point: Any,
                 tracker: Any, save_extra: Mapping[str, Any] | None = None) -> dict[str, str]:
-    """:func:`train_one_epoch` as the training scripts run it: the data position of a resumed run
-    (``point``), the rolling checkpoint of ``checkpointer`` (with ``save_extra`` entries such as the
-    best score so far) and per-step metrics to ``tracker``."""
+    """:func:`train_one_epoch` with resume position, rolling checkpoint and per-step metrics."""
     extra = dict(save_extra or {})
     return train_one_epoch(model, loader, optimizer, scheduler, epoch, device, step_fn, settings, scaler=scaler,
                            sampler=checkpointer.sampler,

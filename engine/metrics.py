@@ -1,5 +1,4 @@
-"""Metric logging: smoothed meters, the progress-printing :class:`MetricLogger` (the original's console
-format) and the ``log.txt`` lines."""
+"""Metric logging: smoothed meters, the progress-printing :class:`MetricLogger` and ``log.txt`` lines."""
 
 from __future__ import annotations
 
@@ -27,10 +26,7 @@ def format_time(seconds: float) -> str:
 
 
 def append_log(output_dir: str | os.PathLike[str], stats: Mapping[str, Any] | str) -> None:
-    """Append to ``output_dir/log.txt``: a dict as one ``json.dumps`` line plus newline.
-
-    A string is written verbatim (the scripts' final ``best epoch: N`` has no newline).
-    """
+    """Append to ``output_dir/log.txt``: a dict as one JSON line; a string verbatim (no newline added)."""
     text = stats if isinstance(stats, str) else json.dumps(dict(stats)) + "\n"
     with open(os.path.join(os.fspath(output_dir), "log.txt"), "a") as handle:
         handle.write(text)
@@ -102,11 +98,7 @@ class SmoothedValue:
 
 
 class MetricLogger:
-    """A named collection of :class:`SmoothedValue` meters with a progress-printing iterator.
-
-    ``clock`` (seconds, default ``time.time``) and ``print_fn`` (default ``print``) can be injected,
-    e.g. to get reproducible timings in tests.
-    """
+    """Named :class:`SmoothedValue` meters with a progress-printing iterator; ``clock``/``print_fn`` injectable."""
 
     def __init__(
         self,
@@ -163,13 +155,8 @@ class MetricLogger:
     def log_every(
         self, iterable: Iterable[T], print_freq: int, header: str | None = None, first_index: int = 0
     ) -> Iterator[T]:
-        """Yield from ``iterable``, printing progress every ``print_freq`` items and at the last one.
-
-        A progress line for item ``i`` is printed after the loop body for that item has run, and
-        reads (fields joined by the delimiter): header, ``[i/len]``, ``eta``, the meters, the mean
-        iteration and data-loading times over the last 20 items, and ``max mem`` (MiB) on CUDA.
-        ``first_index`` numbers the items from there (an epoch resumed part-way; ``len`` is the whole epoch).
-        """
+        """Yield from ``iterable``, printing progress (the original's format) every ``print_freq`` items
+        and at the last one; ``first_index`` numbers items from there (a resumed epoch)."""
         clock = self._clock or time.time
         header = header or ""
         total = len(iterable)  # type: ignore[arg-type]

@@ -18,9 +18,7 @@ MIN_WIDTH = 320
 
 def contact_sheet(images: Sequence[Image.Image], captions: Sequence[str], title: str = "",
                   thumb: int = THUMB) -> Image.Image:
-    """The ``images`` side by side as ``thumb`` x ``thumb`` thumbnails on a white sheet, each with its
-    caption below and ``title`` above: ``len(images) * (thumb + GAP) + GAP`` pixels wide and
-    ``thumb + 2 * CAPTION_HEIGHT + 2 * GAP`` high."""
+    """``images`` side by side as thumbnails on a white sheet, captions below and ``title`` above."""
     if len(images) != len(captions):
         raise ValueError("contact_sheet needs one caption per image")
     width = max(1, len(images)) * (thumb + GAP) + GAP
@@ -52,8 +50,7 @@ def display_scale(width: int, min_width: int = MIN_WIDTH) -> int:
 
 
 def heat_map_picture(image: Image.Image, heat: np.ndarray, caption: str, opacity: float = 0.5) -> Image.Image:
-    """``heat`` (the image's ``(height, width)``) coloured over ``image`` with ``caption`` below it, enlarged
-    by :func:`display_scale`: ``s * width`` x ``s * height + CAPTION_HEIGHT`` pixels."""
+    """``heat`` (``(height, width)``) coloured over ``image``, caption below, enlarged by :func:`display_scale`."""
     base = image.convert("RGB")
     if heat.shape != (base.height, base.width):
         raise ValueError(f"the heat map is {heat.shape}, the image {(base.height, base.width)}")

@@ -1,28 +1,9 @@
 """Image-text retrieval evaluation: ITC candidates, ITM re-ranking, recall metrics.
 
-What is computed is the original SIMLA evaluation: ``sims = image_embeds @ text_embedsᵀ`` (normalised
-ITC features, no temperature); for every image its ``k_test`` most similar texts and for every text
-its ``k_test`` most similar images are scored with the ITM head (the "match" logit of a fusion pass
-of the text over the image's ViT states); every other entry of the two score matrices is -100.
-:func:`itm_eval` turns the matrices into recall@1/5/10 exactly as the original.
-
-How it is computed differs, with the same matrices as result:
-
-* features are encoded once: every rank encodes a contiguous shard of the texts and of the images,
-  and only the small normalised embeddings are all-gathered (the original encodes the whole test set
-  on every rank); the ViT states of an image stay on the rank that encoded it;
-* the candidate pairs of both directions are united, so a pair that is among an image's top texts
-  *and* among that text's top images is scored once (the original scores it twice);
-* several pairs share one fusion pass (``itm_eval_batch_size`` pairs, default 256, grouped by caption
-  length so the text padding can be cut to the longest caption of the batch; on CPU a pass also holds
-  at most :data:`CPU_PASS_TOKENS` padded tokens);
-* each image's cross-attention keys and values are projected once for all of its pairs, not once per
-  pair (the images are taken in chunks that bound the memory of those projections), and the last
-  fusion layer computes the [CLS] row alone (the only one the ITM head reads);
-* each rank scores the pairs of the images it encoded, and the ``(pair, score)`` lists are gathered.
-
-The original procedure (one fusion pass per query) is kept as :func:`per_query_scores` for checks
-and benchmarks.
+Same score matrices as the original SIMLA evaluation (``k_test`` ITC candidates per query re-ranked by
+the ITM match logit, -100 elsewhere), computed faster: features encoded once in shards, each candidate
+pair scored once, pairs batched by caption length with per-image keys/values projected once.
+:func:`per_query_scores` keeps the original procedure for checks and benchmarks.
 """
 
 from __future__ import annotations
@@ -47,9 +28,7 @@ TEXT_CHUNK = 256
 EVAL_TEXT_LENGTH = 30
 #: Default number of (image, text) pairs per fusion pass.
 DEFAULT_PAIR_BATCH = 256
-#: On CPU a fusion pass also holds at most about this many padded text tokens (pairs x longest caption):
-#: larger passes outgrow the caches and run slower per pair (256 pairs of ~20 tokens take about 1.5x
-#: the time of the same pairs in passes of 32), and shorter passes pad less.
+#: On CPU a fusion pass also holds at most about this many padded text tokens (larger passes run slower).
 CPU_PASS_TOKENS = 1024
 #: Memory for the fusion keys/values of the images whose pairs are being scored (a chunk of images).
 KV_BUDGET_BYTES = 256 * 2**20
@@ -77,7 +56,6 @@ def gather_shards(local: torch.Tensor, total: int) -> torch.Tensor:
     size = math.ceil(total / world_size)
     padded = local.new_zeros((size, *local.shape[1:]))
     padded[: local.shape[0]] = local
-    # shard r fills rows [r*size, r*size + len) of the concatenation: exactly its global rows
     return concat_all_gather(padded)[:total]
 
 
@@ -116,17 +94,15 @@ def tokenize_texts(tokenizer: Any, texts: Sequence[str], device: torch.device,
 
 
 def _trimmed(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    # Padding keys get a -10000 additive mask, i.e. exactly zero attention: dropping the padding
-    # columns beyond the longest text leaves every [CLS] output unchanged.
+    # Padding keys get exactly zero attention: cutting padding columns leaves every [CLS] output unchanged.
     length = max(1, int(mask.sum(dim=1).max()))
     return ids[:, :length], mask[:, :length]
 
 
 def length_chunks(lengths: torch.Tensor, max_size: int, min_size: int = 16, slack: float = 1.25
                   ) -> list[torch.Tensor]:
-    """Row indices in chunks of at most ``max_size`` rows of similar ``lengths`` (sorted): a chunk grows
-    while its padded size stays within ``slack`` times its real tokens, or while it has fewer than
-    ``min_size`` rows (tiny passes cost more than the padding they save)."""
+    """Row indices in chunks of at most ``max_size`` rows of similar ``lengths``: a chunk grows while its
+    padded size stays within ``slack`` times its real tokens or it has fewer than ``min_size`` rows."""
     order = torch.argsort(lengths, stable=True)
     values = lengths[order].tolist()
     chunks, start, real = [], 0, 0
@@ -143,12 +119,7 @@ def length_chunks(lengths: torch.Tensor, max_size: int, min_size: int = 16, slac
 
 @torch.no_grad()
 def encode_texts(model: Any, ids: torch.Tensor, mask: torch.Tensor, amp: str = "none") -> torch.Tensor:
-    """Normalised ITC text embeddings ``(n, E)`` (float32) of the given token rows.
-
-    Texts of similar length share a pass (at most :data:`TEXT_CHUNK`), cut to its longest text; only
-    the [CLS] row of the last layer is computed. Neither changes an embedding: padding keys get no
-    attention, and each output row depends on its own query row alone.
-    """
+    """Normalised ITC text embeddings ``(n, E)`` (float32); length-bucketed passes, [CLS] row only."""
     device = ids.device
     if ids.shape[0] == 0:
         return torch.zeros(0, model.text_proj.out_features, device=device)
@@ -182,8 +153,8 @@ def encode_images(model: Any, batches: Iterable[torch.Tensor], device: torch.dev
 
 @dataclass
 class RetrievalFeatures:
-    """Everything the re-ranking needs. Texts and embeddings cover the whole split; ``image_feats``
-    holds only this rank's images, those with global indices ``[image_start, image_start + n)``."""
+    """Texts and embeddings cover the whole split; ``image_feats`` only this rank's images
+    ``[image_start, image_start + n)``."""
 
     text_ids: torch.Tensor
     text_mask: torch.Tensor
@@ -237,12 +208,7 @@ def check_k_test(k_test: int, num_images: int, num_texts: int) -> int:
 @torch.no_grad()
 def topk_candidates(image_embeds: torch.Tensor, text_embeds: torch.Tensor, k_test: int, keep_sims: bool = False,
                     max_elements: int = 1 << 26) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """``(topk_i2t (I, k), topk_t2i (T, k), sims (I, T) or None)`` by ITC similarity.
-
-    The similarity matrix is built in blocks of image rows of at most ``max_elements`` entries (one
-    block, i.e. the original's single product, whenever it fits); each text's best images are merged
-    across blocks.
-    """
+    """``(topk_i2t (I, k), topk_t2i (T, k), sims (I, T) or None)``; sims built in row blocks."""
     num_images, num_texts = image_embeds.shape[0], text_embeds.shape[0]
     k_test = check_k_test(k_test, num_images, num_texts)
     rows = max(1, max_elements // max(num_texts, 1))
@@ -281,8 +247,8 @@ def unique_pairs(topk_i2t: torch.Tensor, topk_t2i: torch.Tensor) -> torch.Tensor
 
 def _passes(order: torch.Tensor, sorted_lengths: torch.Tensor, batch_size: int, max_tokens: int | None
             ) -> list[torch.Tensor]:
-    """Cut ``order`` (pairs sorted by caption length) into passes of at most ``batch_size`` pairs and,
-    if ``max_tokens`` is set, at most that many padded text tokens (pairs x longest caption)."""
+    """Cut ``order`` (sorted by caption length) into passes of at most ``batch_size`` pairs and,
+    if set, ``max_tokens`` padded text tokens."""
     if max_tokens is None:
         return list(order.split(batch_size))
     passes, start = [], 0
@@ -308,12 +274,9 @@ def _image_chunks(images: torch.Tensor, per_image_bytes: int, budget: int) -> li
 def score_pairs(model: Any, pairs: torch.Tensor, num_texts: int, features: RetrievalFeatures,
                 batch_size: int = DEFAULT_PAIR_BATCH, amp: str = "none", header: str = "Evaluation:",
                 print_freq: int = 50, kv_budget: int = KV_BUDGET_BYTES) -> torch.Tensor:
-    """ITM match logits (float32) of ``pairs`` (ids ``image * T + text``, images held by this rank),
-    ``batch_size`` pairs per fusion pass; prints a progress line every ``print_freq`` passes.
+    """ITM match logits (float32) of ``pairs`` (ids ``image * T + text``, images held by this rank).
 
-    With a model that has ``image_key_values`` (the retrieval model), each image's fusion keys and
-    values are projected once for all of its pairs: the images are taken in chunks whose projections
-    fit in ``kv_budget`` bytes, and the pairs of a chunk are batched by caption length.
+    Each image's fusion keys/values are projected once, in chunks fitting ``kv_budget`` bytes.
     """
     if batch_size < 1:
         raise ValueError(f"itm_eval_batch_size must be at least 1, got {batch_size}")
@@ -333,7 +296,6 @@ def score_pairs(model: Any, pairs: torch.Tensor, num_texts: int, features: Retri
             one = project(features.image_feats[images[:1]])
         per_image = sum(t.numel() * t.element_size() for kv in one.layers.values() for t in kv)
         chunks = list(_image_chunks(images, per_image, kv_budget))
-    # (chunk, pairs of one fusion pass): captions of similar length share a pass, so little padding is computed
     plan: list[tuple[int, torch.Tensor]] = []
     for c, chunk in enumerate(chunks):
         members = torch.arange(pairs.shape[0], device=device) if chunk is None else \
@@ -388,11 +350,7 @@ def assemble_score_matrices(pairs: torch.Tensor, scores: torch.Tensor, topk_i2t:
 
 @dataclass
 class RetrievalScores:
-    """Score matrices (numpy, float32) and how much ITM work produced them.
-
-    ``num_pairs``: pairs scored by the fusion pass (all ranks); ``num_candidates``: the candidate
-    entries of both directions, i.e. what scoring every query's list separately would cost.
-    """
+    """Score matrices (float32); ``num_pairs`` scored by ITM, ``num_candidates`` entries of both lists."""
 
     score_i2t: np.ndarray
     score_t2i: np.ndarray
@@ -404,8 +362,7 @@ class RetrievalScores:
 @torch.no_grad()
 def rerank(model: Any, features: RetrievalFeatures, k_test: int, batch_size: int = DEFAULT_PAIR_BATCH,
            amp: str = "none", keep_sims: bool = False, kv_budget: int = KV_BUDGET_BYTES) -> RetrievalScores:
-    """Candidates by ITC, every candidate pair scored once by ITM (split over the ranks), matrices.
-    ``kv_budget``: see :func:`score_pairs`."""
+    """Candidates by ITC, every candidate pair scored once by ITM (split over the ranks), matrices."""
     num_images, num_texts = features.image_embeds.shape[0], features.text_embeds.shape[0]
     topk_i2t, topk_t2i, sims = topk_candidates(features.image_embeds, features.text_embeds, k_test, keep_sims)
     pairs = unique_pairs(topk_i2t, topk_t2i)
@@ -422,10 +379,7 @@ def rerank(model: Any, features: RetrievalFeatures, k_test: int, batch_size: int
 @torch.no_grad()
 def evaluation(model: Any, data_loader: DataLoader, tokenizer: Any, device: torch.device,
                config: Mapping[str, Any], amp: str = "none", keep_sims: bool = False) -> RetrievalScores:
-    """The retrieval evaluation of ``data_loader``'s split (every rank must call it; all get the result).
-
-    Reads ``k_test`` and ``itm_eval_batch_size`` from ``config``.
-    """
+    """Retrieval evaluation of the split (collective: every rank calls it); reads ``k_test``, ``itm_eval_batch_size``."""
     model.eval()
     print("Computing features for evaluation...")
     start_time = time.time()
@@ -444,9 +398,7 @@ def evaluation(model: Any, data_loader: DataLoader, tokenizer: Any, device: torc
 def per_query_scores(model: Any, image_feats: torch.Tensor, image_embeds: torch.Tensor, text_ids: torch.Tensor,
                      text_mask: torch.Tensor, text_embeds: torch.Tensor, k_test: int, amp: str = "none"
                      ) -> tuple[np.ndarray, np.ndarray]:
-    """Score matrices the way the original computes them in one process: one fusion pass per image
-    over its top texts (the image repeated), then one per text over its top images (the text
-    repeated), with full-length (30-token) text padding. Every candidate is scored in its own list."""
+    """Score matrices as the original computes them: one fusion pass per query, full 30-token padding."""
     device = text_ids.device
     num_images, num_texts = image_embeds.shape[0], text_embeds.shape[0]
     k_test = check_k_test(k_test, num_images, num_texts)
@@ -472,8 +424,7 @@ def per_query_scores(model: Any, image_feats: torch.Tensor, image_embeds: torch.
 
 
 def _rank_of_best(scores: np.ndarray, targets: Iterable[int]) -> float:
-    """Position of the best-placed target when ``scores`` are ordered by numpy's reversed ``argsort``
-    (ties among equal scores, e.g. the -100 entries, are ordered as that sort leaves them)."""
+    """Position of the best-placed target in numpy's reversed ``argsort`` order (ties as that sort leaves them)."""
     order = np.argsort(scores)[::-1]
     return min((np.where(order == target)[0][0] for target in targets), default=1e20)
 
@@ -484,9 +435,8 @@ def _recall(ranks: np.ndarray, k: int) -> float:
 
 def itm_eval(scores_i2t: np.ndarray, scores_t2i: np.ndarray, txt2img: Mapping[int, int] | Sequence[int],
              img2txt: Mapping[int, Sequence[int]] | Sequence[Sequence[int]]) -> dict[str, float]:
-    """Recall@1/5/10 in percent for text retrieval (``txt_*``, per image: its best-ranked caption) and
-    image retrieval (``img_*``, per caption: its image), their means and ``r_mean``, computed as the
-    original does (same ranking, same float arithmetic)."""
+    """Recall@1/5/10 (percent) of text (``txt_*``) and image (``img_*``) retrieval, their means and
+    ``r_mean``, bitwise as the original."""
     text_ranks = np.array([_rank_of_best(row, img2txt[i]) for i, row in enumerate(scores_i2t)], dtype=float)
     image_ranks = np.array([_rank_of_best(row, [txt2img[t]]) for t, row in enumerate(scores_t2i)], dtype=float)
     txt = [_recall(text_ranks, k) for k in (1, 5, 10)]

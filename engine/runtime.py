@@ -1,5 +1,4 @@
-"""Run set-up shared by every script: config, output folder, distributed init, device and seeds, and the
-entry wrapper that makes a failing process of a multi-process run exit promptly."""
+"""Run set-up shared by every script and the entry wrapper that ends a failing process promptly."""
 
 from __future__ import annotations
 
@@ -60,14 +59,12 @@ def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
 
 
 def use_tf32(enabled: bool) -> None:
-    """``--tf32``: float32 matrix products may use TF32 on GPUs that have it (cuDNN convolutions already
-    do by PyTorch's default)."""
+    """``--tf32``: float32 matrix products may use TF32."""
     torch.backends.cuda.matmul.allow_tf32 = enabled
 
 
 def use_deterministic_algorithms(enabled: bool) -> None:
-    """``--deterministic``: only deterministic kernels (CPU and CUDA), cuDNN without autotuning, and the
-    cuBLAS workspace size that deterministic CUDA matrix products need; otherwise cuDNN autotunes."""
+    """``--deterministic``: deterministic kernels and cuBLAS workspace; otherwise cuDNN autotunes."""
     if enabled:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(enabled)
@@ -76,8 +73,7 @@ def use_deterministic_algorithms(enabled: bool) -> None:
 
 
 def prepare_output_dir(path: str) -> None:
-    """Create ``--output_dir`` (with its parents) and check that it is a writable folder; otherwise exit
-    with a one-line error naming the flag, the path and the problem."""
+    """Create ``--output_dir`` and check it is writable; otherwise exit with a one-line error."""
     if os.path.exists(path) and not os.path.isdir(path):
         problem = "exists and is not a folder"
     else:
@@ -93,10 +89,8 @@ def prepare_output_dir(path: str) -> None:
 
 
 def setup_run(args: argparse.Namespace, task: str, extra_config: dict[str, Any] | None = None) -> RunContext:
-    """Load and validate the config and fill in the schema's defaults, check that ``--checkpoint`` is a
-    PyTorch checkpoint file, write ``output_dir/config.yaml`` (as written, see ``configs.as_written``),
-    initialise distributed mode, pick the device and seed every generator with ``seed + rank`` (all
-    before any data is read)."""
+    """Load and validate the config, check ``--checkpoint``, write ``output_dir/config.yaml``, init
+    distributed mode, pick the device and seed with ``seed + rank`` (before any data is read)."""
     config = load_config(args.config, args.overrides, task=task)
     checkpoint = getattr(args, "checkpoint", "")
     if checkpoint and not os.path.isfile(checkpoint):
@@ -139,12 +133,7 @@ def _env_rank(rank_var: str, size_var: str) -> int | None:
 
 
 def job_rank(args: argparse.Namespace) -> int | None:
-    """Global rank of this process when it is part of a multi-process run, None for a single process.
-
-    Known from the process group once it exists, before that from the launcher's environment (torchrun:
-    ``RANK``/``WORLD_SIZE``; SLURM: ``SLURM_PROCID``/``SLURM_NTASKS``), so that a failure during set-up
-    is also reported with its rank.
-    """
+    """Global rank in a multi-process run (from the process group or launcher env), else None."""
     if is_dist_avail_and_initialized():
         return get_rank()
     for rank_var, size_var in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
@@ -163,13 +152,9 @@ def _exit_status(exc: BaseException) -> int:
 
 
 def exit_after_failure(rank: int, exc: BaseException) -> NoReturn:
-    """Report the failure of rank ``rank`` on stderr (message and traceback) and end the process now.
+    """Report rank ``rank``'s failure on stderr and ``os._exit`` now.
 
-    The process group is deliberately not destroyed: ``destroy_process_group`` may wait for a
-    collective that the peers never complete. ``os._exit`` skips that wait (and the interpreter's own
-    clean-up, which can block in the same way); closing the process's connections is what makes the
-    peers' pending collectives fail (gloo) or lets their watchdog time out (nccl), after which the
-    launcher stops the remaining processes.
+    The process group is not destroyed: that may wait for a collective the peers never complete.
     """
     lines = [f"rank {rank} failed: {type(exc).__name__}: {exc}\n",
              *traceback.format_exception(type(exc), exc, exc.__traceback__)]
@@ -182,14 +167,8 @@ def exit_after_failure(rank: int, exc: BaseException) -> NoReturn:
 
 
 def run_entry(main: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> None:
-    """Run a script's ``main(args)``; if it raises in a multi-process run, exit this process at once.
-
-    A single process lets the exception propagate as usual (traceback, exit status 1). A process of a
-    multi-process run (see :func:`job_rank`) prints ``rank R failed: <error>`` and its traceback and
-    exits with status 1 (130 for Ctrl-C, the code of a non-zero ``SystemExit``) without waiting for
-    its peers (see :func:`exit_after_failure`), so that no process is left blocked in a collective.
-    After a successful multi-process run the process group is closed (:func:`close_process_group`).
-    """
+    """Run ``main(args)``; in a multi-process run a failure prints ``rank R failed: <error>`` and exits
+    at once (status 1, 130 for Ctrl-C) so no process is left blocked in a collective."""
     try:
         main(args)
     except BaseException as exc:
@@ -203,11 +182,7 @@ def run_entry(main: Callable[[argparse.Namespace], Any], args: argparse.Namespac
 
 
 def close_process_group() -> None:
-    """After a successful run, wait for every process and then shut the process group down.
-
-    Left to the interpreter's exit, the group's background threads can be torn down in an order that
-    aborts the process ("terminate called without an active exception") after all the work is done.
-    """
+    """After a successful run, wait for every process and shut the group down (avoids an abort at exit)."""
     if is_dist_avail_and_initialized():
         barrier()
         torch.distributed.destroy_process_group()

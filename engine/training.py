@@ -1,5 +1,4 @@
-"""The pieces every training script builds around its model: optimizer, LR schedule, grad scaler and
-checkpointer, from the config's ``optimizer:`` and ``schedular:`` sections and the run's flags."""
+"""Optimizer, LR schedule, grad scaler and checkpointer every training script builds around its model."""
 
 from __future__ import annotations
 
@@ -30,11 +29,8 @@ def training_parts(args: Any, config: Mapping[str, Any], model: torch.nn.Module,
                    device: torch.device, sampler: Any, batch_size: int) -> TrainingParts:
     """Optimizer, scheduler, grad scaler (``--amp``) and checkpointer of a training run.
 
-    The optimizer groups ``model``'s parameters as the original does, so a script that passes the DDP
-    wrapper here gets the original's grouping of a wrapped model (whose inner ``no_weight_decay`` list
-    is not consulted); ``state_model`` is what checkpoints hold (the unwrapped model). ``sampler`` and
-    ``batch_size`` describe the training loader, for mid-epoch checkpoints. Prints
-    :func:`starting_weights`.
+    Parameters are grouped from ``model`` as the original (a DDP wrapper gets the original's wrapped
+    grouping); ``state_model`` is what checkpoints hold; ``sampler``/``batch_size`` are for mid-epoch saves.
     """
     print(starting_weights(args, config, state_model))
     optimizer = create_optimizer(config["optimizer"], model)
@@ -46,8 +42,7 @@ def training_parts(args: Any, config: Mapping[str, Any], model: torch.nn.Module,
 
 
 def starting_weights(args: Any, config: Mapping[str, Any], model: torch.nn.Module) -> str:
-    """One line naming the weights a run starts from: ``--checkpoint``, random (``from_scratch``), or
-    the DeiT and BERT initialisation the model loaded (``--text_encoder``, VQA's ``--text_decoder``)."""
+    """One line naming the starting weights: ``--checkpoint``, random, or the DeiT/BERT initialisation."""
     if args.checkpoint:
         resumed = " (resumed)" if getattr(args, "resume", False) else ""
         return f"Starting weights: checkpoint {args.checkpoint}{resumed}"
@@ -69,8 +64,7 @@ def schedule_epochs(config: Mapping[str, Any]) -> tuple[int, int]:
 
 def training_loader(args: Any, config: Mapping[str, Any], dataset: Any, batch_size: int, collate_fn: Any,
                     items: str = "samples", required: bool = True) -> tuple[DataLoader, Any]:
-    """The run's resumable training loader and sampler (this process's shard, ``--seed``,
-    ``--num_workers``); a dataset without one full batch per process is refused when ``required``."""
+    """The run's resumable training loader and sampler; with ``required``, refuse less than one batch per process."""
     loader, sampler = create_train_loader(dataset, batch_size, args.num_workers, collate_fn, seed=args.seed,
                                           num_replicas=get_world_size(), rank=get_rank())
     if required and len(loader) == 0:

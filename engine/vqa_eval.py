@@ -1,16 +1,7 @@
-"""VQA result files and the standard VQA accuracy.
+"""VQA result files and the standard VQA accuracy (mean over the 10 leave-one-out annotator subsets).
 
-Accuracy of one predicted answer against the 10 annotator answers of a question: for each annotator,
-``min(#other annotators who gave the prediction / 3, 1)``; the question's accuracy is the mean over
-the 10 leave-one-out subsets (so 4 or more matching annotators give 1.0, 3 give 0.9, 2 give 0.6 and
-1 gives 0.3).
-Answers are compared after the VQA answer normalisation: punctuation removed or turned into spaces,
-periods dropped (except decimal points), lower-cased, number words mapped to digits, articles dropped
-and contractions written with their apostrophe ("dont" -> "don't").
-
-The official evaluation script normalises only when the annotators disagree (its annotation files
-hold already normalised answers); here both the prediction and every annotator answer are always
-normalised, which gives the same score on official annotations and a sensible one on raw answers.
+Unlike the official script, the prediction and every annotator answer are always normalised: the same
+score on official annotations, a sensible one on raw answers.
 """
 
 from __future__ import annotations
@@ -34,14 +25,12 @@ _PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_"
 _DIGIT_COMMA_DIGIT = re.compile(r"(\d)(,)(\d)")
 # a period not followed by a digit; the official pattern's look-behind is malformed and never applies
 _PERIOD = re.compile(r"(?!<=\d)(\.)(?!\d)")
-# the official script passes re.UNICODE (32) as the count of its period substitution
 _PERIOD_COUNT = 32
 _ARTICLES = frozenset({"a", "an", "the"})
 _NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
                  "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
 
-# "written-without-apostrophe canonical-form" pairs of the standard VQA evaluation (the entries with
-# capitals never match, since words are lower-cased first; they are kept so the table is complete)
+# the standard VQA contraction table (capitalised entries never match, kept for completeness)
 _CONTRACTION_PAIRS = """
 aint ain't | arent aren't | cant can't | couldve could've | couldnt couldn't | couldn'tve couldn't've |
 couldnt've couldn't've | didnt didn't | doesnt doesn't | dont don't | hadnt hadn't | hadnt've hadn't've |
@@ -98,18 +87,14 @@ def answer_accuracy(prediction: str, annotator_answers: Sequence[str]) -> float:
     predicted = normalize_answer(prediction)
     matches = [normalize_answer(a) == predicted for a in annotator_answers]
     total = sum(matches)
-    # leaving out annotator i removes one match exactly when annotator i matched
     scores = [min(1.0, (total - int(matched)) / 3) for matched in matches]
     return sum(scores) / len(scores)
 
 
 def vqa_accuracy(results: Iterable[Mapping[str, Any]], answers_by_question_id: Mapping[int, Sequence[str]]
                  ) -> dict[str, Any]:
-    """Score ``[{"question_id", "answer"}]`` against the annotator answers of each question.
-
-    Returns ``{"accuracy": percent rounded to 2 decimals, "num_questions": questions scored}``;
-    questions without annotator answers are not scored. A question present twice is an error.
-    """
+    """Score ``[{"question_id", "answer"}]``; returns ``{"accuracy": percent (2 decimals), "num_questions"}``.
+    Questions without annotator answers are not scored; duplicates are an error."""
     scored: dict[int, float] = {}
     for entry in results:
         qid = int(entry["question_id"])
@@ -123,11 +108,7 @@ def vqa_accuracy(results: Iterable[Mapping[str, Any]], answers_by_question_id: M
 
 def merge_rank_results(per_rank: Sequence[Sequence[Mapping[str, Any]]], key: str = "question_id"
                        ) -> list[dict[str, Any]]:
-    """Concatenate per-rank result lists in rank order, keeping the first entry of each ``key``.
-
-    A distributed evaluation sampler pads the last ranks with repeated samples, so a question can be
-    answered twice; the merged list has every question once.
-    """
+    """Concatenate per-rank results in rank order, keeping each ``key`` once (sampler padding repeats)."""
     merged: list[dict[str, Any]] = []
     seen: set[Any] = set()
     for results in per_rank:
@@ -168,9 +149,8 @@ def evaluation(model: torch.nn.Module, loader: torch.utils.data.DataLoader, toke
 
 def save_result(result: list[dict[str, Any]], result_dir: str, filename: str,
                 question_ids: Sequence[int] | None = None) -> tuple[str, list[dict[str, Any]] | None]:
-    """Write this process's ``<filename>_rank<r>.json``; the main process then writes the merged
-    ``<filename>.json`` with every question once and checks it against ``question_ids``.
-    Returns the merged file's path and (main process) the merged list."""
+    """Write ``<filename>_rank<r>.json``; the main process writes and checks the merged ``<filename>.json``.
+    Returns the merged path and (main process) the merged list."""
     with open(os.path.join(result_dir, f"{filename}_rank{get_rank()}.json"), "w", encoding="utf-8") as handle:
         json.dump(result, handle)
     barrier()

@@ -1,6 +1,4 @@
-"""Loading a checkpoint into a task model, one pipeline for every script: read the file, map its ``model``
-state with the model's ``checkpoint_filter_fn``, resize the ViT position embeddings, check that what
-differs is what the filter declares, load, and print the report."""
+"""Loading a checkpoint into a task model: read, filter, resize position embeddings, check, load, report."""
 
 from __future__ import annotations
 
@@ -16,19 +14,14 @@ from engine.checkpoint.io import read_checkpoint
 from models.simla.checkpoint_keys import MASK_TOKEN_KEYS, FilteredState
 from models.vit import VisionTransformer, interpolate_pos_embed
 
-#: ``checkpoint_filter_fn(state_dict, model, own)`` of a model module; ``own`` means the checkpoint was
-#: written by the task itself (``--evaluate``, ``--resume``) rather than by the model it starts from.
+#: ``checkpoint_filter_fn(state_dict, model, own)``; ``own``: written by the task itself (evaluate/resume).
 CheckpointFilter = Callable[[dict[str, Any], torch.nn.Module, bool], FilteredState]
 
 
 @dataclass(frozen=True)
 class CheckpointFit:
-    """The differences between a checkpoint and the model that ``script`` accepts when loading it.
-
-    ``missing`` matches model keys the checkpoint may lack, ``unexpected`` checkpoint keys the model may
-    have no place for (glob patterns, ``*`` also spans dots); ``source`` names the checkpoint the script
-    expects, for the error message. Any other difference, and any shape mismatch, is refused.
-    """
+    """Differences a script accepts: ``missing``/``unexpected`` glob patterns (``*`` spans dots).
+    Any other difference or shape mismatch is refused."""
 
     script: str
     source: str
@@ -47,8 +40,7 @@ class KeyDifferences:
 
 @dataclass
 class CheckpointLoad:
-    """What loading did: model keys left missing, checkpoint keys the model has no place for, renamed keys
-    ``{new: old}`` (filters that map keys) and entries the filter dropped before loading."""
+    """What loading did: missing and unexpected keys, renamed keys ``{new: old}``, dropped entries."""
 
     missing_keys: list[str]
     unexpected_keys: list[str]
@@ -70,15 +62,13 @@ def _matcher(patterns: Sequence[str]) -> Callable[[str], bool]:
 
 
 def absent_momentum_twins(model: torch.nn.Module) -> tuple[str, ...]:
-    """``<name>_m.*`` for every top-level module of ``model`` built without its momentum twin: a model
-    built without distillation has no place for the momentum weights of a distilling checkpoint."""
+    """``<name>_m.*`` for every top-level module of ``model`` built without its momentum twin."""
     names = [name for name, _ in model.named_children()]
     return tuple(f"{name}_m.*" for name in names if not name.endswith("_m") and f"{name}_m" not in names)
 
 
 def key_differences(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor]) -> KeyDifferences:
-    """The model keys the state lacks, the state keys the model lacks, and the shared keys whose
-    shapes differ (as ``key: checkpoint (..) vs model (..)``)."""
+    """Missing keys, unexpected keys and shape mismatches (``key: checkpoint (..) vs model (..)``)."""
     own = model.state_dict()
     return KeyDifferences(
         missing=[k for k in own if k not in state_dict],
@@ -105,13 +95,8 @@ def describe_mismatch(model: torch.nn.Module, state_dict: Mapping[str, torch.Ten
 
 def check_checkpoint_fit(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], path: str,
                          fit: CheckpointFit) -> KeyDifferences:
-    """Raise ``ValueError`` unless ``state_dict`` differs from ``model`` only as ``fit`` allows.
-
-    Besides ``fit``'s patterns, the ViT mask tokens may be missing or unexpected and the momentum
-    weights of modules the model builds without a twin may be unexpected. The error names the script
-    and the checkpoint and lists the other missing and unexpected keys and every shape mismatch (the
-    first 20 of each, with their number). Returns the differences (all allowed).
-    """
+    """Raise ``ValueError`` unless ``state_dict`` differs from ``model`` only as ``fit`` allows (plus ViT
+    mask tokens and absent momentum twins); returns the allowed differences."""
     diff = key_differences(model, state_dict)
     may_miss = _matcher((*fit.missing, *MASK_TOKEN_KEYS))
     may_add = _matcher((*fit.unexpected, *MASK_TOKEN_KEYS, *absent_momentum_twins(model)))
@@ -162,8 +147,7 @@ def prepare_state(state_dict: Mapping[str, Any], model: torch.nn.Module, checkpo
 
 
 def load_filtered_state(model: torch.nn.Module, filtered: FilteredState, path: str, script: str) -> CheckpointLoad:
-    """Load a filtered state: strictly, or after :func:`check_checkpoint_fit` against what the filter
-    declares; prints the report and a warning for model entries left as built that it did not declare."""
+    """Load a filtered state (strictly, or checked against the filter's declaration) and print the report."""
     if filtered.strict:
         result = load_model_state(model, filtered.state_dict, path, strict=True)
     else:
@@ -185,8 +169,7 @@ def load_filtered_state(model: torch.nn.Module, filtered: FilteredState, path: s
 
 def load_checkpoint_into(model: torch.nn.Module, path: str, checkpoint_filter: CheckpointFilter, script: str,
                          own: bool = False, trust: bool = False) -> tuple[dict[str, Any], CheckpointLoad]:
-    """Load ``path`` into ``model`` the way ``script`` does; returns the checkpoint (for resuming) and the
-    report. A checkpoint that differs from the model otherwise than the filter declares is refused."""
+    """Load ``path`` into ``model`` as ``script`` does; returns the checkpoint and the report."""
     checkpoint = read_checkpoint(path, trust=trust)
     filtered = prepare_state(checkpoint["model"], model, checkpoint_filter, own)
     return checkpoint, load_filtered_state(model, filtered, path, script)

@@ -1,5 +1,4 @@
-"""Checkpoint files: safe reading (weights-only unpickling, OmegaConf stand-ins, mmap, clear errors) and
-atomic, verified writing. Files keep the original layout ``{model, optimizer, lr_scheduler, config, epoch}``."""
+"""Checkpoint files: safe reading (weights-only, OmegaConf stand-ins, mmap, clear errors), atomic writing."""
 
 from __future__ import annotations
 
@@ -51,8 +50,7 @@ def verify_checkpoint_file(path: str) -> None:
 
 
 def save_checkpoint(obj: Any, path: str | os.PathLike[str], verify: bool = True) -> None:
-    """``torch.save`` ``obj`` to ``path`` atomically (:func:`utils.atomic_write`): an interrupted or failed
-    write leaves any previous file untouched; with ``verify`` the new file is read back and checked first."""
+    """``torch.save`` ``obj`` to ``path`` atomically; with ``verify`` the new file is read back first."""
     atomic_write(path, lambda handle: torch.save(obj, handle), verify=verify_checkpoint_file if verify else None,
                  sync_dir=True)
 
@@ -64,10 +62,8 @@ def save_on_master(obj: Any, path: str | os.PathLike[str]) -> None:
 
 
 # --- OmegaConf stand-ins -----------------------------------------------------------------------------
-# Original pretraining checkpoints store the Hydra/OmegaConf config object itself. The classes below
-# are inert stand-ins registered under OmegaConf's import paths for weights-only unpickling: they only
-# receive the pickled attribute dicts, and are converted to plain dicts/lists right after loading.
-# A DictConfig/ListConfig keeps its children in ``_content``; a leaf node keeps its value in ``_val``.
+# Inert stand-ins for OmegaConf classes pickled in original pretraining checkpoints (weights-only
+# unpickling); converted to plain dicts/lists after loading.
 
 
 class _OmegaConfStub:
@@ -95,10 +91,7 @@ class _MetadataStub(_OmegaConfStub):
 
 
 def _plain_defaultdict(*_args: Any) -> dict:
-    """Stand-in for ``collections.defaultdict`` (OmegaConf's resolver cache): a plain dict.
-
-    The weights-only unpickler only fills plain dicts, and the cache is discarded anyway.
-    """
+    """Stand-in for ``collections.defaultdict`` (OmegaConf's resolver cache, discarded): a plain dict."""
     return {}
 
 
@@ -203,8 +196,7 @@ def _is_zip_file(path: str) -> bool:
 
 
 def check_checkpoint_format(path: str) -> None:
-    """Raise ``ValueError`` unless ``path`` starts as a PyTorch checkpoint does: a zip archive
-    (``torch.save``), a legacy pickle (protocol marker 0x80) or the legacy tar format."""
+    """Raise ``ValueError`` unless ``path`` starts like a PyTorch checkpoint (zip, legacy pickle or tar)."""
     with open(path, "rb") as handle:
         head = handle.read(512)
     if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80" or head[257:262] == b"ustar":
@@ -222,14 +214,8 @@ _ALLOWED_PICKLE_GLOBALS = {"collections.OrderedDict", "torch._utils._rebuild_ten
 
 
 def _scan_pickles(path: str, count: int = 5) -> tuple[list[str], bool]:
-    """The globals the pickles of a checkpoint refer to, read with ``pickletools`` (nothing is
-    executed), and whether those pickles are complete (each reaches its STOP opcode).
-
-    The legacy format starts with five pickles in a row (magic number, protocol, system info, the
-    object, the storage keys); the zip format holds them as ``*.pkl`` members. Used to name what a
-    refused file needs when the weights-only unpickler stops before reaching a global, and to tell a
-    cut file from one that asks for a global.
-    """
+    """Globals the checkpoint's pickles refer to (read with ``pickletools``, nothing executed) and
+    whether those pickles are complete (to tell a cut file from one that asks for a global)."""
     try:
         with open(path, "rb") as handle:
             data = handle.read()
@@ -301,11 +287,8 @@ def _unpickler_reason(message: str) -> str:
 def load_checkpoint(path: str | os.PathLike[str], trust: bool = False) -> Any:
     """Load a checkpoint on the CPU without running pickled code (unless ``trust`` is set).
 
-    Reads with ``torch.load(map_location="cpu", weights_only=True)`` (memory-mapped for zip-format
-    files). OmegaConf configs pickled into original pretraining checkpoints are returned as plain
-    dicts/lists without importing ``omegaconf``. Raises ``FileNotFoundError`` for a missing file,
-    :class:`UnsafeCheckpointError` when the pickle needs other globals, and ``RuntimeError`` for a
-    truncated or corrupt file. ``trust=True`` loads with ``weights_only=False`` (full unpickling).
+    OmegaConf configs come back as plain dicts/lists. Raises ``FileNotFoundError``,
+    :class:`UnsafeCheckpointError` (other globals needed) or ``RuntimeError`` (truncated/corrupt).
     """
     file = os.fspath(path)
     if not os.path.isfile(file):
@@ -328,8 +311,7 @@ def load_checkpoint(path: str | os.PathLike[str], trust: bool = False) -> Any:
         found = [] if trust else _unsafe_globals(file, message)
         unsafe = [name for name in found if _GLOBAL_NAME.fullmatch(name)]
         if (found and not unsafe) or (not trust and not _scan_pickles(file)[1]):
-            # a "global" whose name is not a dotted identifier, or a pickle that ends before its STOP
-            # opcode, is a cut or damaged file rather than one that asks for code
+            # a non-identifier "global" or a pickle without STOP is a damaged file, not a request for code
             raise RuntimeError(f"failed to read checkpoint {file}: the file is truncated or corrupt "
                                f"({_unpickler_reason(message) or message[:200]})") from None
         if not trust and (unsafe or "GLOBAL" in message or "allowlist" in message or "Unsupported" in message):
@@ -352,7 +334,6 @@ def read_checkpoint(path: str, trust: bool = False) -> dict[str, Any]:
     if not isinstance(checkpoint, dict):
         raise ValueError(f"{path}: expected a checkpoint dict, found a {type(checkpoint).__name__}")
     if "model" not in checkpoint:
-        # a bare state_dict is accepted as well
         if all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
             return {"model": checkpoint}
         raise KeyError(f"{path}: no 'model' entry (keys: {sorted(checkpoint)[:10]})")

@@ -1,16 +1,8 @@
 """Checkpoints that continue a run exactly: training state, random generators and data position.
 
-A training checkpoint keeps the original keys (``model``, ``optimizer``, ``lr_scheduler``, ``config``,
-``epoch``) so the original code and ours read each other's files, and adds:
-
-* ``next_step``: for a mid-epoch checkpoint, the index of the first batch of ``epoch`` that has not
-  been trained on (absent, or equal to the epoch length, when ``epoch`` is complete);
-* ``rng_states``: the Python, NumPy, torch and CUDA generator states of every process, by rank;
-* ``sampler``: seed, process count and dataset size of the data order;
-* ``scaler`` (fp16 runs) and whatever the task adds (best score so far, ...).
-
-Saving is collective (every process hands its generator states to rank 0) and refuses to write
-weights that are not finite; files are replaced atomically and verified (:func:`save_checkpoint`).
+Keeps the original keys (readable both ways) and adds ``next_step`` (first untrained batch of
+``epoch``), ``rng_states`` (by rank), ``sampler``, ``scaler`` and task extras. Saving is collective,
+refuses non-finite weights and replaces files atomically.
 """
 
 from __future__ import annotations
@@ -103,11 +95,7 @@ class ResumePoint:
 
 
 class TrainingCheckpointer:
-    """Save and restore everything a training run needs to continue exactly.
-
-    ``sampler`` is the run's :class:`dataset.resumable.ResumableSampler` (or ``None``); ``output_dir``
-    receives the rolling ``checkpoint_last.pth``.
-    """
+    """Save and restore everything a run needs to continue; ``output_dir`` gets ``checkpoint_last.pth``."""
 
     def __init__(self, output_dir: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
                  config: Mapping[str, Any], scaler: torch.amp.GradScaler | None = None, sampler: Any = None,
@@ -157,10 +145,7 @@ class TrainingCheckpointer:
         self.save(self.last_path, epoch, next_step, **extra)
 
     def restore(self, checkpoint: Mapping[str, Any], path: str, num_batches: int) -> ResumePoint:
-        """Load optimizer, scheduler, scaler and generator states; return where to continue.
-
-        The model weights are loaded by the caller (each task maps its keys differently).
-        """
+        """Load optimizer, scheduler, scaler and RNG states (not the model); return where to continue."""
         for key in ("optimizer", "lr_scheduler", "epoch"):
             if key not in checkpoint:
                 raise KeyError(f"{path}: --resume needs a '{key}' entry in the checkpoint")
@@ -211,9 +196,7 @@ class TrainingCheckpointer:
         restore_rng_state(states[get_rank()])
 
     def start(self, point: ResumePoint) -> None:
-        """Call right before the first epoch: the sampler starts at the resumed batch and the random
-        generators take the checkpoint's states (after everything that drew from them at set-up). A
-        model with feature queues checks that this run's batches fit its stored queue position."""
+        """Call right before the first epoch: position the sampler and restore the RNG states."""
         check_queue = getattr(self.model, "check_queue_fits", None)
         if check_queue is not None:
             check_queue(self.batch_size, get_world_size())
@@ -226,8 +209,7 @@ class TrainingCheckpointer:
 
     def finish_epoch(self, epoch: int, epoch_path: str | None = None, keep_last: bool = False,
                      **extra: Any) -> None:
-        """End-of-epoch saving: ``epoch_path`` (if given) and, with ``keep_last``, the rolling file
-        (linked to the epoch file when there is one, so it is written once)."""
+        """End-of-epoch saving to ``epoch_path`` and, with ``keep_last``, the rolling file."""
         if epoch_path is not None:
             self.save(epoch_path, epoch, **extra)
             if keep_last and is_main_process():
@@ -250,11 +232,9 @@ def link_or_copy(source: str, target: str) -> None:
 
 def resume_point(checkpointer: TrainingCheckpointer, checkpoint: Mapping[str, Any] | None, args: Any,
                  num_batches: int, epoch_end_warmup: int | None = None) -> ResumePoint:
-    """Where training starts: epoch 0 unless ``args.resume`` continues ``checkpoint`` (``args.checkpoint``).
+    """Where training starts: epoch 0 unless ``args.resume`` continues ``checkpoint``.
 
-    Scripts that step the scheduler after each epoch's evaluation pass ``epoch_end_warmup`` (the
-    schedule's warm-up epochs): a checkpoint written before that step (the best-score files) then
-    gets it applied, which is a no-op for files written after it.
+    ``epoch_end_warmup``: applies the missed scheduler step to best-score files written before it.
     """
     if checkpoint is None or not getattr(args, "resume", False):
         if getattr(args, "resume", False):
