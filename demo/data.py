@@ -4,7 +4,8 @@ Every task script can run end to end on it without downloading anything.  Images
 drawings of 1-3 coloured geometric shapes placed on a 3x3 grid (five slots: top, left, centre,
 right, bottom) over a plain or lightly noisy grey background.  Captions, VQA questions, NLVR2
 statements, SNLI-VE hypotheses and referring expressions are generated from the known scene
-layout, so every annotation is correct by construction.
+layout, so every annotation is correct by construction. The pretraining set is also written as
+webdataset shards (``pretrain_shards/``, the img2dataset layout of :mod:`dataset.shard_convert`).
 
 Usage::
 
@@ -28,6 +29,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from dataset.shard_convert import json_to_shards
+from dataset.shards import STATS_SUFFIX, shard_stem
 from demo.annotations import (
     grounding_annotations,
     nlvr_annotations,
@@ -37,7 +40,10 @@ from demo.annotations import (
 )
 from demo.shapes import ANSWER_LIST, Scene, build_demo_vocab, make_scenes, random_stream, render_scene
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+
+#: Samples per shard of the pretraining shards (the last shard holds the rest).
+SAMPLES_PER_SHARD = 100
 
 #: Default number of images per split.
 DEFAULT_NUM_TRAIN = 256
@@ -62,6 +68,7 @@ def demo_paths(out_dir: str | Path) -> dict[str, str]:
         "refcoco_data": refcoco,
         "manifest": root / "manifest.json",
         "pretrain": root / "pretrain.json",
+        "pretrain_shards": root / "pretrain_shards",
         "re_train": root / "re_train.json",
         "re_val": root / "re_val.json",
         "re_test": root / "re_test.json",
@@ -191,6 +198,12 @@ def generate_demo_data(
         caption = texts if index % 2 == 0 else rng.choice(texts)
         pretrain.append({"image": str(root / scene.rel_path), "caption": caption})
     write_json("pretrain", pretrain)
+    # the same pretraining set as webdataset shards (configs/Pretrain_demo_shards.yaml)
+    shards_dir = Path(paths["pretrain_shards"])
+    if shards_dir.is_dir():
+        shutil.rmtree(shards_dir)
+    shards = json_to_shards(paths["pretrain"], str(shards_dir), SAMPLES_PER_SHARD, url_base=str(root))["shards"]
+    written.extend(Path(path) for shard in shards for path in (shard, shard_stem(shard) + STATS_SUFFIX))
     write_json(
         "re_train",
         [
