@@ -6,9 +6,10 @@ On import, as the original: ``LOAD_TRUNCATED_IMAGES = True`` (partly downloaded 
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
-from typing import Any
+from typing import Any, BinaryIO
 
 from PIL import Image, ImageFile
 
@@ -72,18 +73,25 @@ def read_rgb(path: str, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Im
         raise UnreadableImageError(path, "no such file" if not os.path.exists(path) else "not a regular file")
     if os.path.getsize(path) == 0:
         raise UnreadableImageError(path, "empty file")
+    return decode_rgb(path, path, max_pixels)
+
+
+def decode_rgb(source: str | BinaryIO, name: str, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+               ) -> Image.Image:
+    """Decode the image in ``source`` (a path or a binary file object) to RGB, checked as :func:`read_rgb`;
+    errors name ``name``."""
     try:
-        with Image.open(path) as img:
+        with Image.open(source) as img:
             width, height = img.size
             if max_pixels is not None and width * height > max_pixels:
-                raise UnreadableImageError(path, f"{width}x{height} = {width * height} pixels exceeds "
+                raise UnreadableImageError(name, f"{width}x{height} = {width * height} pixels exceeds "
                                                  f"{MAX_IMAGE_PIXELS_KEY}={max_pixels} (decompression-bomb guard)")
             img.load()
             return to_rgb(img)
     except UnreadableImageError:
         raise
     except Exception as exc:  # noqa: BLE001 - PIL raises many types (OSError, SyntaxError, ValueError, ...)
-        raise UnreadableImageError(path, f"{type(exc).__name__}: {exc}") from exc
+        raise UnreadableImageError(name, f"{type(exc).__name__}: {exc}") from exc
 
 
 class ImageReader:
@@ -106,13 +114,27 @@ class ImageReader:
             where = f"dataset entry {index}{f', {sample}' if sample else ''}"
             if not self.skip_unreadable:
                 raise UnreadableImageError(path, f"{exc.reason} ({where}; evaluation needs every image)") from exc
-            self.failures += 1
-            if self._should_report(self.failures):
-                later = "; later ones are reported at counts 100, 1000, ..." if self.failures == REPORT_FIRST else ""
-                warnings.warn(UnreadableImageWarning(
-                    f"skipping sample ({where}): {exc} [unreadable image {self.failures} in this process{later}]"
-                ), stacklevel=3)
-            return None
+            return self.skip(str(exc), where)
+
+    def decode(self, data: bytes, name: str, where: str) -> Image.Image | None:
+        """The RGB image encoded in ``data`` (``name`` and ``where`` locate it in messages), or ``None``
+        with a warning when it is unreadable (training datasets only)."""
+        try:
+            return decode_rgb(io.BytesIO(data), name, self.max_pixels)
+        except UnreadableImageError as exc:
+            if not self.skip_unreadable:
+                raise
+            return self.skip(str(exc), where)
+
+    def skip(self, reason: str, where: str) -> None:
+        """Count a skipped sample and warn (rate-limited) with ``where`` it is and the ``reason``."""
+        self.failures += 1
+        if self._should_report(self.failures):
+            later = "; later ones are reported at counts 100, 1000, ..." if self.failures == REPORT_FIRST else ""
+            warnings.warn(UnreadableImageWarning(
+                f"skipping sample ({where}): {reason} [unreadable image {self.failures} in this process{later}]"
+            ), stacklevel=4)
+        return None
 
     @staticmethod
     def _should_report(count: int) -> bool:

@@ -1,5 +1,5 @@
 """Built-in demo data: a small synthetic vision-language dataset of coloured shapes, so every task
-script runs end to end without downloads.
+script runs end to end without downloads; the pretraining set is also written as webdataset shards.
 
     python -m demo.data --out_dir demo_data --seed 0 [--num_train 256 --num_test 64 --image_size 64]
 
@@ -19,6 +19,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from dataset.shard_convert import json_to_shards
+from dataset.shards import STATS_SUFFIX, shard_stem
 from demo.annotations import (
     grounding_annotations,
     nlvr_annotations,
@@ -28,7 +30,10 @@ from demo.annotations import (
 )
 from demo.shapes import ANSWER_LIST, Scene, build_demo_vocab, make_scenes, random_stream, render_scene
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+
+#: Samples per shard of the pretraining shards (the last shard holds the rest).
+SAMPLES_PER_SHARD = 100
 
 #: Default number of images per split.
 DEFAULT_NUM_TRAIN = 256
@@ -53,6 +58,7 @@ def demo_paths(out_dir: str | Path) -> dict[str, str]:
         "refcoco_data": refcoco,
         "manifest": root / "manifest.json",
         "pretrain": root / "pretrain.json",
+        "pretrain_shards": root / "pretrain_shards",
         "re_train": root / "re_train.json",
         "re_val": root / "re_val.json",
         "re_test": root / "re_test.json",
@@ -179,6 +185,12 @@ def generate_demo_data(
         caption = texts if index % 2 == 0 else rng.choice(texts)
         pretrain.append({"image": str(root / scene.rel_path), "caption": caption})
     write_json("pretrain", pretrain)
+    # the same pretraining set as webdataset shards (configs/Pretrain_demo_shards.yaml)
+    shards_dir = Path(paths["pretrain_shards"])
+    if shards_dir.is_dir():
+        shutil.rmtree(shards_dir)
+    shards = json_to_shards(paths["pretrain"], str(shards_dir), SAMPLES_PER_SHARD, url_base=str(root))["shards"]
+    written.extend(Path(path) for shard in shards for path in (shard, shard_stem(shard) + STATS_SUFFIX))
     write_json(
         "re_train",
         [

@@ -31,6 +31,7 @@ CONFIG_DIR = REPO / "configs"
 SHIPPED_TASKS = {
     "Pretrain.yaml": ("pretrain",),
     "Pretrain_demo.yaml": ("pretrain",),
+    "Pretrain_demo_shards.yaml": ("pretrain",),
     "Retrieval_coco.yaml": ("retrieval",),
     "Retrieval_flickr.yaml": ("retrieval", "zero_shot_retrieval"),
     "Retrieval_demo.yaml": ("retrieval",),
