@@ -55,6 +55,9 @@ def base_parser(description: str, default_config: str, default_output_dir: str,
                              "of threads give bitwise the same weights, at some cost in speed")
     if not training:
         return parser
+    parser.add_argument("--fused_dropout", action="store_true",
+                        help="attention dropout inside PyTorch's fused attention kernel (flash / memory-efficient "
+                             "on GPUs): other random draws than the original's explicit softmax dropout")
     parser.add_argument("--resume", default=False, type=str2bool,
                         help="with --checkpoint (a checkpoint of this script): restore optimizer, scheduler, "
                              "random generators and data position and continue where it stopped")

@@ -18,6 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 from configs import load_config, save_config, with_defaults
 from engine.checkpoint import check_checkpoint_format
 from engine.distributed import init_distributed_mode
+from models.attention import use_fused_dropout
 from utils import (
     barrier,
     get_rank,
@@ -112,6 +113,7 @@ def setup_run(args: argparse.Namespace, task: str, extra_config: dict[str, Any] 
     seed_everything(args.seed + get_rank())
     use_deterministic_algorithms(bool(getattr(args, "deterministic", False)))
     use_tf32(bool(getattr(args, "tf32", False)))
+    use_fused_dropout(bool(getattr(args, "fused_dropout", False)))
     return RunContext(args=args, config=config, device=device)
 
 

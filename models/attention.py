@@ -11,6 +11,18 @@ import torch.nn.functional as F
 
 from models.lean_autograd import dropout_matmul
 
+_fused_dropout = False
+
+
+def use_fused_dropout(enabled: bool) -> None:
+    """``--fused_dropout``: attention dropout inside the fused kernel (flash / memory-efficient on GPUs).
+
+    Same dropout distribution, different random draws from the explicit softmax-dropout path, which is
+    the default because its draws are the original's.
+    """
+    global _fused_dropout
+    _fused_dropout = enabled
+
 
 def _mask_for(scores_dtype: torch.dtype, mask: torch.Tensor | None) -> torch.Tensor | None:
     """Cast an additive mask to the attention dtype without turning large negatives into -inf."""
@@ -29,8 +41,8 @@ def attention(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Multi-head attention on ``(B, H, L, D)`` -> ``(context, probs)``; pre-dropout ``probs`` or None."""
     mask = _mask_for(query.dtype, attn_mask)
-    if not need_probs and dropout_p == 0.0:
-        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask), None
+    if not need_probs and (dropout_p == 0.0 or _fused_dropout):
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout_p), None
     scale = query.shape[-1] ** -0.5
     scores = torch.matmul(query, key.transpose(-1, -2)) * scale
     if mask is not None:

@@ -20,8 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from configs import load_config
+from engine.cli import base_parser
 from engine.retrieval_eval import rerank
-from models.attention import attention
+from models.attention import attention, use_fused_dropout
 from models.bert import BertModel, load_bert_config
 from models.lean_autograd import vocabulary_projection
 from models.simla.pretrain import SIMLA as PretrainSIMLA
@@ -159,6 +160,32 @@ def test_written_out_attention_draws_the_same_dropout_as_sdpa():
     torch.testing.assert_close(ours, reference, atol=1e-6, rtol=1e-5)
     for a, b in zip(our_grads, ref_grads):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_dropout_sends_attention_dropout_to_sdpa(monkeypatch):
+    assert base_parser("x", "c.yaml", "out", training=True).parse_args(["--fused_dropout"]).fused_dropout
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+
+    def counting_sdpa(*args, **kwargs):
+        calls.append(kwargs.get("dropout_p"))
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", counting_sdpa)
+    q, k, v = (torch.randn(2, 4, 7, 8) for _ in range(3))
+    try:
+        attention(q, k, v, dropout_p=0.2)
+        assert calls == []  # default: the written-out softmax dropout
+        use_fused_dropout(True)
+        torch.manual_seed(3)
+        fused, _ = attention(q, k, v, dropout_p=0.2)
+        assert calls == [0.2]
+        attention(q, k, v, dropout_p=0.2, need_probs=True)  # probabilities read: still written out
+        assert calls == [0.2]
+    finally:
+        use_fused_dropout(False)
+    torch.manual_seed(3)
+    torch.testing.assert_close(fused, sdpa(q, k, v, dropout_p=0.2))
 
 
 @pytest.mark.parametrize("rows", [3, 40])
