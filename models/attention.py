@@ -1,7 +1,8 @@
 """The one attention function shared by the ViT and BERT blocks.
 
-Fused ``scaled_dot_product_attention`` unless the probabilities or dropout are needed; then the softmax
-is written out and dropout + value product is :func:`models.lean_autograd.dropout_matmul`.
+Fused ``scaled_dot_product_attention`` unless the probabilities or dropout (without ``--fused_dropout``)
+are needed; then the softmax is written out and dropout + value product is
+:func:`models.lean_autograd.dropout_matmul`.
 """
 
 from __future__ import annotations
@@ -15,11 +16,7 @@ _fused_dropout = False
 
 
 def use_fused_dropout(enabled: bool) -> None:
-    """``--fused_dropout``: attention dropout inside the fused kernel (flash / memory-efficient on GPUs).
-
-    Same dropout distribution, different random draws from the explicit softmax-dropout path, which is
-    the default because its draws are the original's.
-    """
+    """``--fused_dropout``: dropout inside the fused kernel (flash on GPUs); other draws than the original's."""
     global _fused_dropout
     _fused_dropout = enabled
 
