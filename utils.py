@@ -1,5 +1,4 @@
-"""Primitives every layer may use: distributed queries and collectives (each a no-op without a process
-group, so single-process runs work), seeding, command-line booleans and atomic file writes."""
+"""Primitives: distributed queries/collectives (no-ops without a group), seeding, booleans, atomic writes."""
 
 from __future__ import annotations
 
@@ -121,15 +120,9 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-# Atomic file writes
-
-
 def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], None],
                  verify: Callable[[str], None] | None = None, sync_dir: bool = False) -> None:
-    """Write ``path`` through ``write(handle)`` so that it is replaced whole or not at all.
-
-    Temporary file beside ``path``, fsynced, checked by ``verify(temporary path)``, renamed over ``path``.
-    """
+    """Write ``path`` through ``write(handle)`` so that it is replaced whole or not at all."""
     target = os.path.abspath(os.fspath(path))
     directory, name = os.path.split(target)
     os.makedirs(directory, exist_ok=True)
@@ -159,8 +152,7 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], None]
 
 
 def remove_stale_partial_files(directory: str, name: str) -> None:
-    """Remove the temporary files ``.<name>.<pid>.*.tmp`` that atomic writes of ``name`` by processes no
-    longer alive (killed mid-write) left in ``directory``."""
+    """Remove ``.<name>.<pid>.*.tmp`` files left in ``directory`` by dead processes' atomic writes."""
     prefix = f".{name}."
     for entry in os.listdir(directory):
         if entry.startswith(prefix) and entry.endswith(".tmp"):

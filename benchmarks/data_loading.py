@@ -1,16 +1,7 @@
 """Samples per second of the pretraining data pipeline, from JSON + image files and from webdataset shards.
 
 python benchmarks/data_loading.py [--images 300] [--size 500] [--num_workers 0 1 2] [--batch_size 32]
-    [--passes 2] [--threads 1] [--work_dir DIR] [--json out.json]
-
-Writes ``--images`` random JPEG photos of about ``--size`` pixels a side once (in ``--work_dir``, a
-temporary folder by default) as a JSON annotation file with image files and as shards of 100 samples
-(``dataset.shard_convert``), then runs the pretraining dataset of ``configs/Pretrain.yaml`` (256-pixel
-crops, RandAugment, the d-VAE view, patch masking) through the training loader with each worker count.
-Each pass reads every sample once; the last of ``--passes`` passes is reported (the first also starts the
-workers). The main process loads with ``--threads`` torch threads (1, as every worker does). Prints a
-table of samples/s and samples/s per worker (the main process counts as one worker).
-"""
+    [--passes 2] [--threads 1] [--work_dir DIR] [--json out.json]"""
 
 from __future__ import annotations
 

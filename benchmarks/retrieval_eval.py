@@ -1,13 +1,8 @@
-"""Time the retrieval evaluation, and its ITM re-ranking against the original procedure (one fusion pass
-per query, every candidate list scored separately) on the same model and features.
+"""Time the retrieval evaluation and its ITM re-ranking against the original per-query procedure.
 
 python benchmarks/retrieval_eval.py [--preset demo|small|base] [--images 16] [--captions_per_image 5]
     [--k_test 8] [--image_batch 8] [--batch_size 256] [--repeats 5] [--device cpu]
-    [--amp none|bf16|fp16] [--checkpoint PATH] [--threads N] [--json out.json]
-
-Random images and captions; defaults match ``shared/bench/README.md``. Prints median evaluation time,
-both re-ranking times, ITM pairs, fusion passes, largest score difference and peak RSS.
-"""
+    [--amp none|bf16|fp16] [--checkpoint PATH] [--threads N] [--json out.json]"""
 
 from __future__ import annotations
 

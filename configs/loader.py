@@ -1,9 +1,4 @@
-"""Loading, overriding and saving YAML task configurations.
-
-YAML 1.2 (ruamel safe loader): ``1e-4`` is a float, ``yes`` a string. Overrides use the Hydra grammar:
-``key=value`` (existing, dotted paths reach sections), ``+key=value`` (new), ``++key=value`` (either),
-``~key`` / ``~key=value`` (delete); values are YAML scalars or flow collections.
-"""
+"""Loading, overriding and saving YAML task configurations."""
 
 from __future__ import annotations
 
@@ -217,10 +212,7 @@ def load_config(
     overrides: list[str] | None = None,
     task: str | None = None,
 ) -> dict[str, Any]:
-    """Load a YAML config, apply ``overrides`` and, with ``task``, validate it (:class:`ConfigError`).
-
-    Only the config file itself is read, so a bad config fails before any data file is opened.
-    """
+    """Load a YAML config, apply ``overrides`` and, with ``task``, validate it (:class:`ConfigError`)."""
     source = str(path)
     resolved = resolve_config_path(path)
     try:

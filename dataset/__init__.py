@@ -1,8 +1,5 @@
 """Datasets, transforms, collates and loaders for every task (``create_dataset`` as the original).
-
-Unreadable images: training datasets return ``None`` (their ``collate_fn`` yields ``(batch, num_failed)``);
-evaluation datasets raise :class:`UnreadableImageError`.
-"""
+Unreadable images: ``None`` in training (collate yields ``(batch, num_failed)``); evaluation raises."""
 
 from __future__ import annotations
 

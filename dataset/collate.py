@@ -22,8 +22,7 @@ def _fill_missing(batch: Sequence[Any]) -> tuple[list[Any] | None, int]:
 
 
 def collate_safe(batch: Sequence[Any]) -> Any:
-    """Default-collate a batch whose failed samples are ``None``, each replaced by a random valid one.
-    Returns ``None`` when every sample failed (the original raises)."""
+    """Default-collate, each ``None`` sample replaced by a random valid one; all failed: ``None``."""
     filled, _ = _fill_missing(batch)
     if filled is None:
         return None
@@ -46,8 +45,7 @@ class SafeCollate:
 def vqa_collate_fn(
     batch: Sequence[Any],
 ) -> tuple[torch.Tensor, list[str], list[str], torch.Tensor, list[int]] | None:
-    """Collate VQA samples into ``(images [B,3,H,W], questions, answers, weights, n)``: answers and
-    weights flattened, ``n[b]`` answers of sample ``b``; ``None`` samples dropped (all ``None``: ``None``)."""
+    """Collate VQA samples into ``(images, questions, answers, weights, n)``, ``n[b]`` answers of sample b."""
     images: list[torch.Tensor] = []
     questions: list[str] = []
     answers: list[str] = []

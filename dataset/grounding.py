@@ -1,8 +1,4 @@
-"""RefCOCO+-style grounding datasets (the original ``create_dataset("grounding")``) and a REFER reader.
-
-Entries: ``{"image", "text"}`` (test also ``"ref_id"``); training image indices are keyed by file name.
-The REFER ``refs(<split_by>).p`` pickle is read accepting only plain containers, strings and numbers.
-"""
+"""RefCOCO+-style grounding datasets (the original ``create_dataset("grounding")``) and a REFER reader."""
 
 from __future__ import annotations
 
@@ -28,9 +24,6 @@ from dataset.text import pre_caption
 from dataset.transforms import build_transforms
 
 Transform = Callable[[Any], torch.Tensor]
-
-
-# --- REFER annotations -----------------------------------------------------------------------------------
 
 
 class _PlainUnpickler(pickle.Unpickler):
@@ -137,12 +130,8 @@ class ReferAnnotations:
         return [float(v) for v in self.refToAnn[ref_id]["bbox"]]
 
 
-# --- datasets ---------------------------------------------------------------------------------------------
-
-
 class GroundingDataset(Dataset):
-    """``(image, expression, image index)`` in ``train`` mode, ``(image, expression, ref_id)`` in ``test``.
-    Unreadable images: ``None`` in ``train``, :class:`UnreadableImageError` in ``test``."""
+    """``(image, expression, image index)`` (train; unreadable: ``None``), test: ``(..., ref_id)``."""
 
     def __init__(self, ann_file: str | Sequence[str], transform: Transform, image_root: str | None,
                  max_words: int = 30, mode: str = "train", key: str = "train_file",

@@ -1,8 +1,5 @@
 """Reading dataset images: RGB conversion, a decompression-bomb guard and reports of unreadable files.
-
-On import, as the original: ``LOAD_TRUNCATED_IMAGES = True`` (partly downloaded JPEGs still load) and
-``MAX_IMAGE_PIXELS = None`` (replaced by the configurable ``max_image_pixels`` check of :func:`read_rgb`).
-"""
+As the original, truncated JPEGs load; ``MAX_IMAGE_PIXELS`` gives way to :func:`read_rgb`'s check."""
 
 from __future__ import annotations
 
@@ -67,8 +64,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def read_rgb(path: str, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
-    """Open ``path``, check its header size against ``max_pixels``, decode and convert to RGB.
-    Any failure raises :class:`UnreadableImageError` naming the file and the reason."""
+    """Open, check against ``max_pixels`` and decode ``path`` to RGB, or :class:`UnreadableImageError`."""
     if not os.path.isfile(path):
         raise UnreadableImageError(path, "no such file" if not os.path.exists(path) else "not a regular file")
     if os.path.getsize(path) == 0:
@@ -78,8 +74,7 @@ def read_rgb(path: str, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Im
 
 def decode_rgb(source: str | BinaryIO, name: str, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
                ) -> Image.Image:
-    """Decode the image in ``source`` (a path or a binary file object) to RGB, checked as :func:`read_rgb`;
-    errors name ``name``."""
+    """Decode ``source`` (a path or binary file) to RGB, checked as :func:`read_rgb`; errors name ``name``."""
     try:
         with Image.open(source) as img:
             width, height = img.size
@@ -95,11 +90,7 @@ def decode_rgb(source: str | BinaryIO, name: str, max_pixels: int | None = DEFAU
 
 
 class ImageReader:
-    """Reads the images of one dataset.
-
-    With ``skip_unreadable`` (training) an unreadable image gives ``None`` and a rate-limited warning
-    (``failures`` counts per process); otherwise the error propagates with the entry index added.
-    """
+    """Reads one dataset's images; ``skip_unreadable`` (training): ``None`` and a rate-limited warning."""
 
     def __init__(self, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, skip_unreadable: bool = True) -> None:
         self.max_pixels = check_max_pixels(max_pixels)
@@ -117,8 +108,7 @@ class ImageReader:
             return self.skip(str(exc), where)
 
     def decode(self, data: bytes, name: str, where: str) -> Image.Image | None:
-        """The RGB image encoded in ``data`` (``name`` and ``where`` locate it in messages), or ``None``
-        with a warning when it is unreadable (training datasets only)."""
+        """The RGB image encoded in ``data``, or ``None`` with a warning when unreadable (training only)."""
         try:
             return decode_rgb(io.BytesIO(data), name, self.max_pixels)
         except UnreadableImageError as exc:

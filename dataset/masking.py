@@ -13,8 +13,7 @@ from configs.schema import patch_grid
 
 
 class MaskingGenerator:
-    """Draw a 0/1 mask (1 = masked) of random rectangular blocks, using Python's ``random``.
-    Stops at ``num_masking_patches`` cells or after ten failed draws, so a mask may hold fewer."""
+    """A 0/1 mask (1 = masked) of random blocks; ten failed draws stop it short of ``num_masking_patches``."""
 
     def __init__(
         self,

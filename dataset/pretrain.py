@@ -43,10 +43,8 @@ def read_pretrain_entries(path: str) -> list[dict]:
 
 
 class PretrainDataset(Dataset):
-    """``(image, caption, image_for_tokenization, masked_positions)`` from JSON entries ``{"image", "caption"}``
-    and webdataset shard samples (:mod:`dataset.shards`), in the order ``ann_file`` names them.
-    An unreadable image, or a shard sample without image or caption, yields ``None`` for :attr:`collate_fn`
-    (named in a rate-limited warning); an empty caption (list) gives ``""``."""
+    """``(image, caption, image_for_tokenization, masked_positions)`` from JSON entries and shard samples, in
+    ``ann_file`` order; unreadable or incomplete samples give ``None`` (warned), an empty caption ``""``."""
 
     def __init__(self, ann_file: str | Sequence[str], views: Callable[[Any], tuple[torch.Tensor, torch.Tensor]],
                  mask_generator: Callable[[], np.ndarray], max_words: int = 30,

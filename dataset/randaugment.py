@@ -1,5 +1,4 @@
-"""RandAugment on RGB ``uint8`` HWC arrays (numpy/OpenCV), with the op table of the original SIMLA code.
-Draws from numpy's global generator in the original's order."""
+"""RandAugment on RGB ``uint8`` HWC arrays with the original op table and numpy draw order."""
 
 from __future__ import annotations
 
@@ -48,9 +47,6 @@ PIPELINE_OPS: tuple[str, ...] = (
 )
 
 
-# --- Image operations ---
-
-
 def identity(img: np.ndarray) -> np.ndarray:
     """Return the image unchanged."""
     return img
@@ -66,11 +62,8 @@ def _per_channel_lut(img: np.ndarray, make_table: Callable[[np.ndarray], np.ndar
 
 
 def auto_contrast(img: np.ndarray, fix_offset: bool = False) -> np.ndarray:
-    """Stretch each channel's ``[min, max]`` to ``[0, 255]``.
-
-    By default reproduces the original's uint8 wrap of ``-low`` (channels with minimum > 0 saturate to
-    255); ``fix_offset=True`` gives the real stretch.
-    """
+    """Stretch each channel's ``[min, max]`` to ``[0, 255]``; by default with the original's uint8 wrap of
+    ``-low``, ``fix_offset=True`` gives the real stretch."""
 
     def table_for(ch: np.ndarray) -> np.ndarray | None:
         low, high = int(ch.min()), int(ch.max())
@@ -212,9 +205,6 @@ OP_FUNCS: dict[str, Callable[..., np.ndarray]] = {
 }
 
 
-# --- Magnitudes ---
-
-
 def level_to_args(name: str, level: float) -> tuple[Any, ...]:
     """Arguments of op ``name`` at ``level``; shear/translate/rotate draw one sign as the original."""
     ratio = level / MAX_LEVEL
@@ -245,8 +235,7 @@ def level_to_args(name: str, level: float) -> tuple[Any, ...]:
 
 
 class RandomAugment:
-    """Apply ``N`` ops drawn with replacement from ``augs``, each skipped with probability 0.5.
-    Takes a PIL image or HWC ``uint8`` array, returns an HWC ``uint8`` array."""
+    """Apply ``N`` ops drawn from ``augs``, each skipped with probability 0.5; returns HWC ``uint8``."""
 
     def __init__(
         self,

@@ -69,8 +69,7 @@ class RetrievalTrainDataset(Dataset):
 
 
 class RetrievalEvalDataset(Dataset):
-    """``(image, image index)``; ``text`` holds every caption in file order, ``txt2img[t]`` its image and
-    ``img2txt[i]`` the captions of image ``i``. A single-string caption counts as a one-caption list."""
+    """``(image, image index)``; ``text``: every caption, ``txt2img[t]``/``img2txt[i]`` map between them."""
 
     def __init__(self, ann_file: str | Sequence[str], transform: Transform, image_root: str,
                  max_words: int = 30, key: str = "test_file",

@@ -1,18 +1,9 @@
 """Convert pretraining annotations between JSON + image files and webdataset shards (img2dataset layout).
-
     python -m dataset.shard_convert to-shards --train_file a.json [b.json ...] --out_dir shards \\
         [--samples_per_shard 10000]
     python -m dataset.shard_convert to-json --shards 'shards/{00000..00003}.tar' --out_dir out \\
         [--caption_key caption]
-
-``to-shards`` writes ``00000.tar`` (members ``KEY.<image extension>`` with the image file's bytes,
-``KEY.txt`` with the caption, the first one of a caption list, and ``KEY.json`` with ``key``, ``status``,
-``caption`` as written in the JSON, a string or a list, and ``url``, the image path, relative to
-``--url_base`` if given) and
-``00000_stats.json`` (``count``, ``successes``, ``failed_to_download``). ``to-json`` writes every image to
-``out/images/<shard>/<key>.<extension>`` and ``out/annotations.json`` with ``{"image", "caption"}`` entries,
-the caption taken as training reads it (``--caption_key`` as ``shard_caption_key``).
-"""
+``to-shards`` writes ``NNNNN.tar`` + ``NNNNN_stats.json``; ``to-json``: ``images/``, ``annotations.json``."""
 
 from __future__ import annotations
 
@@ -71,10 +62,8 @@ def _write_shard(handle: BinaryIO, samples: list[dict[str, Any]]) -> None:
 
 def json_to_shards(ann_files: str | Sequence[str], out_dir: str,
                    samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD, url_base: str | None = None) -> dict[str, Any]:
-    """Write the entries of pretraining JSON files as shards of ``samples_per_shard`` entries each (an
-    entry whose image file cannot be read is left out and counted, as img2dataset counts failed
-    downloads); ``url_base``: record image paths relative to this folder. Returns
-    ``{"shards": [paths], "successes": n, "failed": m}``."""
+    """Write pretraining JSON entries as shards of ``samples_per_shard`` (unreadable images left out and
+    counted); ``url_base``: paths relative to it. Returns ``{"shards", "successes", "failed"}``."""
     if samples_per_shard < 1:
         raise ValueError(f"samples_per_shard must be at least 1, got {samples_per_shard}")
     files = as_file_list(ann_files, "train_file")
@@ -121,9 +110,8 @@ def json_to_shards(ann_files: str | Sequence[str], out_dir: str,
 
 def shards_to_json(sources: str | Sequence[str], out_dir: str, caption_key: str | None = None,
                    name: str = "annotations.json") -> dict[str, Any]:
-    """Write the samples of shard sources (paths, brace patterns or folders) as image files and one
-    pretraining JSON file; a sample without an image or a caption is left out with a warning naming the
-    shard and the key. Returns ``{"annotations": path, "written": n, "skipped": m}``."""
+    """Write shard samples (paths, brace patterns, folders) as image files and one pretraining JSON file,
+    skipping (warned) those without image or caption. Returns ``{"annotations", "written", "skipped"}``."""
     entries: list[dict[str, Any]] = []
     skipped = 0
     root = os.path.abspath(out_dir)

@@ -1,15 +1,5 @@
 """Webdataset tar shards (the img2dataset layout) read as a map-style sequence of samples.
-
-A shard ``00000.tar`` holds the members of each sample side by side: ``KEY.jpg`` (or another image
-extension), ``KEY.txt`` (the caption) and ``KEY.json`` (metadata); ``00000_stats.json`` beside it may count
-the samples written (``{"successes": N}``). Every shard is indexed once from its tar headers (the offset
-and size of each member, cached in ``00000_index.json`` beside it when the folder is writable), so a
-sample is read by position and the training sampler's seeded shuffle, process split, worker split and
-exact resume apply to shards as they do to JSON entries.
-
-A damaged shard never stops a run: the samples before the damage are read, a member cut short and a
-sample the stats file counts but the tar no longer holds are reported as unreadable samples.
-"""
+Indexed once from tar headers (cached in ``NNNNN_index.json``); damaged samples read as unreadable."""
 
 from __future__ import annotations
 
@@ -32,7 +22,6 @@ from utils import atomic_write
 SHARD_SUFFIX = ".tar"
 STATS_SUFFIX = "_stats.json"
 INDEX_SUFFIX = "_index.json"
-# image members looked for, in this order
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm")
 INDEX_VERSION = 1
 # the size recorded for a member whose data the tar file cuts short
@@ -57,8 +46,7 @@ def is_shard_source(entry: str) -> bool:
 
 
 def expand_shard_source(entry: str, key: str = "train_file") -> list[str]:
-    """The shard paths of one ``train_file`` entry: a folder's ``.tar`` files in name order, or the
-    expansion of ``a/{00000..00009}.tar`` (several patterns may be joined with ``::``)."""
+    """One entry's shards: a folder's ``.tar`` files or ``a/{00000..00009}.tar``, ``::``-joined."""
     if os.path.isdir(entry):
         shards = sorted(os.path.join(entry, name) for name in os.listdir(entry) if name.endswith(SHARD_SUFFIX))
         if not shards:
@@ -79,11 +67,8 @@ def shard_stem(path: str) -> str:
 
 @dataclass
 class ShardIndex:
-    """The samples of one shard: their keys in tar order and, per key, ``extension -> [offset, size]``.
-
-    ``lost`` counts samples the stats file records beyond those the tar holds; ``damage`` says why the
-    tar listing ended early (empty when it did not).
-    """
+    """The samples of one shard: their keys in tar order and, per key, ``extension -> [offset, size]``;
+    ``lost``: samples the stats file counts beyond the tar; ``damage``: why the listing ended early."""
 
     path: str
     keys: list[str] = field(default_factory=list)
@@ -96,8 +81,7 @@ class ShardIndex:
 
 
 def scan_shard(path: str) -> ShardIndex:
-    """Index ``path`` from its tar headers; a truncated or corrupt tar keeps the members listed before
-    the damage (a member whose data is cut short is recorded with size :data:`CUT`)."""
+    """Index ``path`` from its tar headers; damage keeps earlier members (cut short: size :data:`CUT`)."""
     index = ShardIndex(path)
     positions: dict[str, int] = {}
     file_size = os.path.getsize(path)
@@ -172,8 +156,7 @@ def stats_successes(path: str) -> int | None:
 
 
 def load_index(path: str, cache: bool = True) -> ShardIndex:
-    """The index of shard ``path`` (from the cache when it matches the tar's size and time), with the
-    samples its stats file counts beyond the tar's added as lost; damage is reported as a warning."""
+    """The (cached) index of shard ``path``, stats-counted samples beyond the tar added as lost."""
     index = _cached_index(path) if cache else None
     if index is None:
         index = scan_shard(path)
@@ -192,8 +175,7 @@ def load_index(path: str, cache: bool = True) -> ShardIndex:
 
 
 class ShardSample(NamedTuple):
-    """One sample's members as bytes (``None`` for a member cut short); ``key`` is ``None`` for a sample
-    the stats file counts but the tar lost, ``where`` names it in messages."""
+    """One sample's members as bytes (``None`` if cut short); ``key`` ``None``: a sample the tar lost."""
 
     shard: str
     key: str | None
@@ -249,8 +231,7 @@ def sample_image(sample: ShardSample) -> tuple[str, bytes]:
 
 
 def sample_caption(sample: ShardSample, caption_key: str | None = None) -> str | list[str]:
-    """The caption: the ``.txt`` member, or ``caption_key`` of the ``.json`` member (a string or a list of
-    strings); :class:`ShardSampleError` says why there is none."""
+    """The ``.txt`` caption or ``caption_key`` of the ``.json``; else :class:`ShardSampleError`."""
     if sample.key is None:
         raise ShardSampleError("counted by the shard's stats file but missing from the tar (truncated?)")
     extension = "txt" if caption_key is None else "json"

@@ -57,8 +57,7 @@ def dvae_resolution(config: Mapping[str, Any]) -> int:
 
 
 def build_transforms(config: Mapping[str, Any]) -> dict[str, Callable[[Image.Image], torch.Tensor]]:
-    """The original ``create_dataset`` pipelines: ``pretrain``, ``visual_tokenizer``, ``train``, ``test``,
-    ``grounding_train``."""
+    """The original ``create_dataset`` pipelines (``pretrain``, ``train``, ``test``, ...)."""
     res = int(config["image_res"])
     bicubic = InterpolationMode.BICUBIC
     return {
@@ -109,12 +108,8 @@ def build_transforms(config: Mapping[str, Any]) -> dict[str, Callable[[Image.Ima
 
 
 class PretrainViews:
-    """The two pretraining views ``(image, image_for_tokenization)`` of one PIL image.
-
-    By default two independent random pipelines, as the original (tokenizer view first), so MIM targets
-    of patch *p* describe a different region. ``mim_aligned_views: true`` shares one crop, flip and
-    RandAugment and downsamples it for the tokenizer, so the regions match.
-    """
+    """The two pretraining views ``(image, image_for_tokenization)`` of one PIL image: two independent
+    pipelines as the original, or with ``mim_aligned_views: true`` one shared crop, flip and RandAugment."""
 
     def __init__(
         self,

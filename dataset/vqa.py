@@ -1,8 +1,5 @@
 """VQA v2 and Visual Genome QA datasets (``create_dataset("vqa", config)``).
-
-Training samples ``(image, question, answers, weights)`` (VQA answers weighted by annotator share, VG
-0.5); test samples ``(image, question, question_id)``. Unreadable: ``None`` in training, else raise.
-"""
+Unreadable images: ``None`` in training, else raise."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""Annotations of the demo data, correct by construction from each scene's layout (captions, VQA, NLVR2,
-SNLI-VE, referring expressions with boxes)."""
+"""Annotations of the demo data, correct by construction from each scene's layout."""
 
 from __future__ import annotations
 

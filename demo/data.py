@@ -1,11 +1,5 @@
-"""Built-in demo data: a small synthetic vision-language dataset of coloured shapes, so every task
-script runs end to end without downloads; the pretraining set is also written as webdataset shards.
-
-    python -m demo.data --out_dir demo_data --seed 0 [--num_train 256 --num_test 64 --image_size 64]
-
-Deterministic in ``seed`` (own ``random.Random`` streams per split and annotation family); skipped when
-``out_dir`` already holds the same dataset (``manifest.json``).
-"""
+"""Built-in demo data: synthetic coloured shapes for every task script, pretraining set also as shards.
+    python -m demo.data --out_dir demo_data --seed 0 [--num_train 256 --num_test 64 --image_size 64]"""
 
 from __future__ import annotations
 
@@ -35,7 +29,6 @@ FORMAT_VERSION = 2
 #: Samples per shard of the pretraining shards (the last shard holds the rest).
 SAMPLES_PER_SHARD = 100
 
-#: Default number of images per split.
 DEFAULT_NUM_TRAIN = 256
 DEFAULT_NUM_TEST = 64
 DEFAULT_IMAGE_SIZE = 64
@@ -124,11 +117,7 @@ def generate_demo_data(
     image_size: int = DEFAULT_IMAGE_SIZE,
     force: bool = False,
 ) -> dict[str, str]:
-    """Write the demo dataset to ``out_dir`` and return :func:`demo_paths` for it.
-
-    Splits ``train``, ``test`` (val: first half, test: second half) and ``test2`` (another stream, for
-    zero-shot evaluation). Nothing is rewritten for the same dataset unless ``force``.
-    """
+    """Write the demo dataset to ``out_dir`` (kept if the same unless ``force``); :func:`demo_paths`."""
     if num_train_images < MIN_NUM_TRAIN or num_test_images < MIN_NUM_TEST:
         raise ValueError(f"need at least {MIN_NUM_TRAIN} train and {MIN_NUM_TEST} test images")
     if image_size < 16:
@@ -152,7 +141,6 @@ def generate_demo_data(
         _write_json(path, obj)
         written.append(path)
 
-    # images
     split_sizes = {"train": num_train_images, "test": num_test_images, "test2": num_test_images}
     scenes: dict[str, list[Scene]] = {}
     first_id = 0
@@ -175,7 +163,6 @@ def generate_demo_data(
     half = len(test) // 2
     test_val, test_test = test[:half], test[half:]
 
-    # captions: pretraining and retrieval
     rng = random_stream(seed, "captions")
     captions = {scene.name: scene_captions(scene, rng) for scene in train + test + test2}
     pretrain: list[dict[str, Any]] = []
@@ -204,25 +191,21 @@ def generate_demo_data(
             key, [{"image": scene.rel_path, "caption": captions[scene.name]} for scene in split_scenes]
         )
 
-    # VQA
     vqa_train, vqa_test = vqa_annotations(train, test, random_stream(seed, "vqa"))
     write_json("vqa_train", vqa_train)
     write_json("vqa_test", vqa_test)
     write_json("answer_list", list(ANSWER_LIST))
 
-    # NLVR2
     rng = random_stream(seed, "nlvr")
     write_json("nlvr_train", nlvr_annotations(train, len(train), rng))
     write_json("nlvr_val", nlvr_annotations(test_val, len(test_val), rng))
     write_json("nlvr_test", nlvr_annotations(test_test, len(test_test), rng))
 
-    # SNLI-VE
     rng = random_stream(seed, "ve")
     write_json("ve_train", ve_annotations(train, rng))
     write_json("ve_val", ve_annotations(test_val, rng))
     write_json("ve_test", ve_annotations(test_test, rng))
 
-    # grounding
     grounding = grounding_annotations(train, test, image_size, random_stream(seed, "grounding"))
     write_json("grounding_train", grounding["grounding_train"])
     write_json("grounding_test", grounding["grounding_test"])

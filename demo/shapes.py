@@ -138,8 +138,7 @@ def demo_words() -> list[str]:
 
 
 def build_demo_vocab(path: str | Path | None = DEMO_VOCAB, base_vocab: str | Path = BASE_VOCAB) -> list[str]:
-    """Build the demo WordPiece vocabulary: ``base_vocab`` (BERT special-token ids kept), then every missing
-    demo word; written to ``path`` unless ``None``. Returns the token list."""
+    """Build the demo WordPiece vocabulary (BERT special ids kept), written to ``path`` unless ``None``."""
     base = Path(base_vocab).read_text(encoding="utf-8").splitlines()
     known = set(base)
     tokens = base + [word for word in demo_words() if word not in known]

@@ -1,9 +1,5 @@
 """Run the README's demo chain and print what each task demo reached, as the README's table.
-
     python -m demo.task_demos [--out_dir output] [--rows retrieval vqa ...] [--threads 1] [--json table.json]
-
-Every run is ``--deterministic`` with ``--threads`` threads, so the table repeats bitwise on the same
-torch build and CPU; figures come from each run's ``log.txt``, output is kept as ``console.txt``.
 """
 
 from __future__ import annotations

@@ -16,11 +16,7 @@ from models.precision import autocast
 def evaluate_accuracy(model: torch.nn.Module, loader: Iterable,
                       predict: Callable[[Any], tuple[torch.Tensor, torch.Tensor]], device: torch.device,
                       amp: str = "none", print_freq: int = 50) -> dict[str, str]:
-    """Mean accuracy of ``argmax(logits)`` over all processes; ``predict(batch)`` returns ``(logits, targets)``.
-
-    Padded repeats of distributed samplers count like the others, as in the original. Returns
-    ``{"acc": "%.4f"}`` (a fraction).
-    """
+    """Mean accuracy ``{"acc": "%.4f"}`` of ``argmax(logits)`` over all processes, as the original."""
     model.eval()
     logger = MetricLogger(delimiter="  ")
     for batch in logger.log_every(loader, print_freq, "Evaluation:"):

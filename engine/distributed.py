@@ -1,5 +1,4 @@
-"""Distributed set-up: process-group init from torchrun/SLURM, timeout, NCCL error handling, rank-aware
-``print``. Collectives are skipped without a process group."""
+"""Distributed set-up: torchrun/SLURM init, timeout, NCCL errors, rank-aware ``print``."""
 
 from __future__ import annotations
 
@@ -55,10 +54,8 @@ def dist_timeout(args: Any) -> datetime.timedelta:
 
 
 def enable_nccl_error_handling() -> None:
-    """Make the NCCL watchdog abort the process when a collective fails or times out (mode 3).
-
-    A user's setting is kept (0 with a warning). Must run before the NCCL group is created.
-    """
+    """Make the NCCL watchdog abort the process when a collective fails or times out (mode 3);
+    a user's setting is kept. Must run before the NCCL group is created."""
     for name in _NCCL_ERROR_HANDLING_VARS:
         value = os.environ.get(name, "").strip()
         if value == "":
@@ -71,12 +68,7 @@ def enable_nccl_error_handling() -> None:
 
 
 def init_distributed_mode(args: Any) -> None:
-    """Initialise torch.distributed from torchrun or SLURM variables; set ``args.rank``,
-    ``world_size``, ``gpu``, ``distributed``, ``dist_backend``.
-
-    nccl for CUDA devices, gloo otherwise; ``print`` is silenced on non-zero ranks unless ``force=True``.
-    A one-process launch without ``MASTER_ADDR`` runs without a process group.
-    """
+    """Initialise torch.distributed (torchrun/SLURM); set ``args.rank``, ``world_size``, ``gpu``, etc."""
     cuda_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     rank = _env_int("RANK")
     world_size = _env_int("WORLD_SIZE")

@@ -1,9 +1,4 @@
-"""Weakly supervised grounding evaluation: Grad-CAM maps, per-rank result files, box selection and
-accuracy as the original ``grounding_eval`` (IoU >= 0.5, inclusive pixels; ``val_d``/``testA_d``/``testB_d``).
-
-With no box scoring above 0 the original reuses the previous expression's box
-(``grounding_skip_empty_fix: false``); ``true`` picks the best box. Nothing to reuse counts as a miss.
-"""
+"""Weakly supervised grounding evaluation as the original (IoU >= 0.5, inclusive pixels)."""
 
 from __future__ import annotations
 
@@ -22,7 +17,6 @@ from engine.metrics import MetricLogger
 from models.simla.gradcam import gradcam
 from utils import barrier, get_rank, get_world_size, is_main_process
 
-# the REFER annotations the original evaluates on
 REFER_DATASET, REFER_SPLIT_BY = "refcoco+", "unc"
 
 GROUNDING_SPLITS = ("val", "testA", "testB")
@@ -30,9 +24,6 @@ BOX_SCORE_ALPHA = 0.5
 IOU_THRESHOLD = 0.5
 
 Box = Sequence[float]
-
-
-# --- maps -----------------------------------------------------------------------------------------------
 
 
 def grounding_maps(model: Any, data_loader: Iterable, tokenizer: Any, device: torch.device, gradcam_mode: str,
@@ -68,9 +59,6 @@ def collect_result(result: list[dict[str, Any]], result_dir: str, filename: str)
             raise FileNotFoundError(f"grounding result file of rank {rank} not found: {rank_path}")
         merged += torch.load(rank_path, map_location="cpu", weights_only=True)
     return merged
-
-
-# --- boxes ----------------------------------------------------------------------------------------------
 
 
 def upsample_map(pred: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -118,9 +106,6 @@ def compute_iou(box1: Box, box2: Box) -> float:
     return float(inter) / union
 
 
-# --- evaluation -----------------------------------------------------------------------------------------
-
-
 @dataclass
 class GroundingOutcome:
     """Per expression: ref id, split, chosen box (``None`` = none), IoU; and accuracy per split."""
@@ -145,8 +130,7 @@ def _detections(dets: Mapping[str, Any], image_id: Any, det_file: str) -> list[B
 def evaluate_grounding(results: Sequence[Mapping[str, Any]], dets: Mapping[str, Any], refer: Any,
                        alpha: float = BOX_SCORE_ALPHA, skip_empty_fix: bool = False,
                        det_file: str = "det_file") -> GroundingOutcome:
-    """Choose a detection box per result from its upsampled map and score it against the REFER box.
-    Every split of :data:`GROUNDING_SPLITS` needs at least one result."""
+    """Choose and score a detection box per result; every :data:`GROUNDING_SPLITS` split needs a result."""
     outcome = GroundingOutcome()
     correct = dict.fromkeys(GROUNDING_SPLITS, 0)
     total = dict.fromkeys(GROUNDING_SPLITS, 0)

@@ -1,9 +1,4 @@
-"""Using a trained model: :func:`load` a checkpoint, then score, search and rank images and texts,
-compute Grad-CAM maps and answer questions; :func:`export` writes safetensors.
-
-Numbers are those of the evaluations, computed by their functions; images may be paths, PIL images or
-transformed tensors and are read as the evaluation datasets do.
-"""
+"""Using a trained model: :func:`load`, score, search, rank, Grad-CAM, answer; :func:`export`."""
 
 from __future__ import annotations
 
@@ -62,8 +57,7 @@ class SearchResult:
 
 @dataclass
 class Grounding:
-    """A Grad-CAM map: ``map`` on the patch grid, ``heat`` resized bicubically to the image size, and,
-    given boxes, each box's score and the chosen box."""
+    """A Grad-CAM map: ``map`` on the patch grid, ``heat`` at image size, box scores and the chosen box."""
 
     map: torch.Tensor
     heat: torch.Tensor
@@ -149,8 +143,6 @@ class Predictor(_ModelInputs):
                       str(cache), metadata={"paths": json.dumps(names)})
         return feats, embeds
 
-    # --- scores ------------------------------------------------------------------------------------
-
     @torch.no_grad()
     @_in_precision
     def similarity(self, images: Sequence[ImageInput], texts: Sequence[str], rerank: bool = False) -> Similarity:
@@ -180,8 +172,7 @@ class Predictor(_ModelInputs):
     @_in_precision
     def search(self, query: str | ImageInput, candidates: Sequence[Any], k: int = 10,
                cache: str | os.PathLike | None = None) -> list[SearchResult]:
-        """Rank ``candidates`` as the retrieval evaluation does (top ``k_test`` by ITC, by ITM logit);
-        a ``str`` query searches images, an image query searches texts. Returns the first ``k``."""
+        """Rank ``candidates`` as the retrieval evaluation (ITC top ``k_test``, ITM); the first ``k``."""
         candidates = list(candidates)
         if isinstance(query, str):
             feats, image_embeds = self.cached_image_features(candidates, cache)
@@ -295,12 +286,8 @@ def _read_exported(path: str) -> dict[str, Any]:
 def load(checkpoint: str | os.PathLike, config: str | os.PathLike | dict[str, Any] | None = None,
          text_encoder: str = "bert-base-uncased", device: str | torch.device = "cpu", task: str = "retrieval",
          trust: bool = False, amp: str = "none") -> Predictor | VQAPredictor:
-    """Build the model of ``task`` and ``config`` (default: the saved one), load ``checkpoint`` and
-    return it in eval mode on ``device``.
-
-    ``task`` is ``retrieval`` (:class:`Predictor`) or ``vqa`` (:class:`VQAPredictor`); an :func:`export`
-    folder is read without pickle; ``amp`` (``bf16``/``fp16``) runs under autocast.
-    """
+    """Load ``checkpoint`` into the ``task`` (``retrieval``/``vqa``) model of ``config`` (default: the saved),
+    in eval mode on ``device``; an :func:`export` folder is read without pickle."""
     if task not in ("retrieval", "vqa"):
         raise ValueError(f"task must be 'retrieval' or 'vqa', got {task!r}")
     path = os.fspath(checkpoint)

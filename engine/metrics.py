@@ -155,8 +155,7 @@ class MetricLogger:
     def log_every(
         self, iterable: Iterable[T], print_freq: int, header: str | None = None, first_index: int = 0
     ) -> Iterator[T]:
-        """Yield from ``iterable``, printing progress (the original's format) every ``print_freq`` items
-        and at the last one; ``first_index`` numbers items from there (a resumed epoch)."""
+        """Yield from ``iterable`` with the original's progress lines; ``first_index``: a resumed epoch's."""
         clock = self._clock or time.time
         header = header or ""
         total = len(iterable)  # type: ignore[arg-type]

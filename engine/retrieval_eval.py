@@ -1,10 +1,5 @@
 """Image-text retrieval evaluation: ITC candidates, ITM re-ranking, recall metrics.
-
-Same score matrices as the original SIMLA evaluation (``k_test`` ITC candidates per query re-ranked by
-the ITM match logit, -100 elsewhere), computed faster: features encoded once in shards, each candidate
-pair scored once, pairs batched by caption length with per-image keys/values projected once.
-:func:`per_query_scores` keeps the original procedure for checks and benchmarks.
-"""
+The original's score matrices, computed faster; :func:`per_query_scores` keeps the original procedure."""
 
 from __future__ import annotations
 
@@ -26,17 +21,12 @@ from utils import concat_all_gather, get_rank, get_world_size
 TEXT_CHUNK = 256
 #: Token length of evaluation texts (padded / truncated).
 EVAL_TEXT_LENGTH = 30
-#: Default number of (image, text) pairs per fusion pass.
 DEFAULT_PAIR_BATCH = 256
 #: On CPU a fusion pass also holds at most about this many padded text tokens (larger passes run slower).
 CPU_PASS_TOKENS = 1024
 #: Memory for the fusion keys/values of the images whose pairs are being scored (a chunk of images).
 KV_BUDGET_BYTES = 256 * 2**20
-#: Value of the score-matrix entries that were not re-ranked.
 NOT_SCORED = -100.0
-
-
-# --- sharding and gathering -------------------------------------------------------------------------
 
 
 def shard_bounds(total: int, rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
@@ -76,9 +66,6 @@ def gather_variable(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return out
 
 
-# --- features ---------------------------------------------------------------------------------------
-
-
 def tokenize_texts(tokenizer: Any, texts: Sequence[str], device: torch.device,
                    max_length: int = EVAL_TEXT_LENGTH) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids and masks ``(T, max_length)``: padded and truncated to ``max_length`` as the original."""
@@ -101,8 +88,7 @@ def _trimmed(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch
 
 def length_chunks(lengths: torch.Tensor, max_size: int, min_size: int = 16, slack: float = 1.25
                   ) -> list[torch.Tensor]:
-    """Row indices in chunks of at most ``max_size`` rows of similar ``lengths``: a chunk grows while its
-    padded size stays within ``slack`` times its real tokens or it has fewer than ``min_size`` rows."""
+    """Row indices in chunks of at most ``max_size`` rows of similar ``lengths`` (padding: ``slack``)."""
     order = torch.argsort(lengths, stable=True)
     values = lengths[order].tolist()
     chunks, start, real = [], 0, 0
@@ -153,8 +139,7 @@ def encode_images(model: Any, batches: Iterable[torch.Tensor], device: torch.dev
 
 @dataclass
 class RetrievalFeatures:
-    """Texts and embeddings cover the whole split; ``image_feats`` only this rank's images
-    ``[image_start, image_start + n)``."""
+    """Texts cover the whole split; ``image_feats`` only this rank's ``[image_start, image_start + n)``."""
 
     text_ids: torch.Tensor
     text_mask: torch.Tensor
@@ -189,9 +174,6 @@ def compute_features(model: Any, data_loader: DataLoader, tokenizer: Any, device
         model, (batch[0] for batch in _image_batches(data_loader, i0, i1)), device, amp)
     image_embeds = gather_shards(image_embeds, num_images)
     return RetrievalFeatures(text_ids, text_mask, text_embeds, image_embeds, image_feats, i0)
-
-
-# --- candidates and pairs ---------------------------------------------------------------------------
 
 
 def check_k_test(k_test: int, num_images: int, num_texts: int) -> int:
@@ -247,8 +229,7 @@ def unique_pairs(topk_i2t: torch.Tensor, topk_t2i: torch.Tensor) -> torch.Tensor
 
 def _passes(order: torch.Tensor, sorted_lengths: torch.Tensor, batch_size: int, max_tokens: int | None
             ) -> list[torch.Tensor]:
-    """Cut ``order`` (sorted by caption length) into passes of at most ``batch_size`` pairs and,
-    if set, ``max_tokens`` padded text tokens."""
+    """Cut ``order`` into passes of at most ``batch_size`` pairs and ``max_tokens`` padded tokens."""
     if max_tokens is None:
         return list(order.split(batch_size))
     passes, start = [], 0
@@ -274,10 +255,7 @@ def _image_chunks(images: torch.Tensor, per_image_bytes: int, budget: int) -> li
 def score_pairs(model: Any, pairs: torch.Tensor, num_texts: int, features: RetrievalFeatures,
                 batch_size: int = DEFAULT_PAIR_BATCH, amp: str = "none", header: str = "Evaluation:",
                 print_freq: int = 50, kv_budget: int = KV_BUDGET_BYTES) -> torch.Tensor:
-    """ITM match logits (float32) of ``pairs`` (ids ``image * T + text``, images held by this rank).
-
-    Each image's fusion keys/values are projected once, in chunks fitting ``kv_budget`` bytes.
-    """
+    """ITM match logits (float32) of ``pairs`` (ids ``image * T + text``, images held by this rank)."""
     if batch_size < 1:
         raise ValueError(f"itm_eval_batch_size must be at least 1, got {batch_size}")
     device = features.text_ids.device
@@ -391,9 +369,6 @@ def evaluation(model: Any, data_loader: DataLoader, tokenizer: Any, device: torc
     return result
 
 
-# --- the original procedure -------------------------------------------------------------------------
-
-
 @torch.no_grad()
 def per_query_scores(model: Any, image_feats: torch.Tensor, image_embeds: torch.Tensor, text_ids: torch.Tensor,
                      text_mask: torch.Tensor, text_embeds: torch.Tensor, k_test: int, amp: str = "none"
@@ -420,9 +395,6 @@ def per_query_scores(model: Any, image_feats: torch.Tensor, image_embeds: torch.
     return score_i2t.cpu().numpy(), score_t2i.cpu().numpy()
 
 
-# --- metrics ----------------------------------------------------------------------------------------
-
-
 def _rank_of_best(scores: np.ndarray, targets: Iterable[int]) -> float:
     """Position of the best-placed target in numpy's reversed ``argsort`` order (ties as that sort leaves them)."""
     order = np.argsort(scores)[::-1]
@@ -435,8 +407,7 @@ def _recall(ranks: np.ndarray, k: int) -> float:
 
 def itm_eval(scores_i2t: np.ndarray, scores_t2i: np.ndarray, txt2img: Mapping[int, int] | Sequence[int],
              img2txt: Mapping[int, Sequence[int]] | Sequence[Sequence[int]]) -> dict[str, float]:
-    """Recall@1/5/10 (percent) of text (``txt_*``) and image (``img_*``) retrieval, their means and
-    ``r_mean``, bitwise as the original."""
+    """Recall@1/5/10 (percent) of text/image retrieval, means and ``r_mean``, bitwise as the original."""
     text_ranks = np.array([_rank_of_best(row, img2txt[i]) for i, row in enumerate(scores_i2t)], dtype=float)
     image_ranks = np.array([_rank_of_best(row, [txt2img[t]]) for t, row in enumerate(scores_t2i)], dtype=float)
     txt = [_recall(text_ranks, k) for k in (1, 5, 10)]

@@ -1,8 +1,5 @@
 """VQA result files and the standard VQA accuracy (mean over the 10 leave-one-out annotator subsets).
-
-Unlike the official script, the prediction and every annotator answer are always normalised: the same
-score on official annotations, a sensible one on raw answers.
-"""
+Unlike the official script, the prediction and every annotator answer are always normalised."""
 
 from __future__ import annotations
 
@@ -93,8 +90,7 @@ def answer_accuracy(prediction: str, annotator_answers: Sequence[str]) -> float:
 
 def vqa_accuracy(results: Iterable[Mapping[str, Any]], answers_by_question_id: Mapping[int, Sequence[str]]
                  ) -> dict[str, Any]:
-    """Score ``[{"question_id", "answer"}]``; returns ``{"accuracy": percent (2 decimals), "num_questions"}``.
-    Questions without annotator answers are not scored; duplicates are an error."""
+    """Score ``[{"question_id", "answer"}]`` -> ``{"accuracy": percent, "num_questions"}``; no duplicates."""
     scored: dict[int, float] = {}
     for entry in results:
         qid = int(entry["question_id"])
@@ -117,9 +113,6 @@ def merge_rank_results(per_rank: Sequence[Sequence[Mapping[str, Any]]], key: str
                 seen.add(entry[key])
                 merged.append(dict(entry))
     return merged
-
-
-# --- answering the test split ------------------------------------------------------------------------
 
 
 def tokenize_answers(tokenizer: Any, answer_list: Sequence[str], eos: str, device: torch.device) -> Any:
@@ -149,8 +142,7 @@ def evaluation(model: torch.nn.Module, loader: torch.utils.data.DataLoader, toke
 
 def save_result(result: list[dict[str, Any]], result_dir: str, filename: str,
                 question_ids: Sequence[int] | None = None) -> tuple[str, list[dict[str, Any]] | None]:
-    """Write ``<filename>_rank<r>.json``; the main process writes and checks the merged ``<filename>.json``.
-    Returns the merged path and (main process) the merged list."""
+    """Write ``<filename>_rank<r>.json``; the main process returns the merged ``<filename>.json`` and list."""
     with open(os.path.join(result_dir, f"{filename}_rank{get_rank()}.json"), "w", encoding="utf-8") as handle:
         json.dump(result, handle)
     barrier()

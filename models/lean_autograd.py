@@ -1,10 +1,5 @@
 """Autograd operations that keep less for backward and compute the very same numbers.
-
-Lean ``dropout``, ``dropout_matmul`` (attention) and ``gelu_linear`` keep masks/inputs and recompute in
-backward; outputs, gradients and generator state are bitwise those of the plain code. They run only on
-CPU tensors needing grad in eager mode; :func:`use_lean_activations` toggles them (keep the setting
-unchanged through backward when gradient checkpointing reruns forward).
-"""
+Outputs, gradients and generator state are bitwise the plain code's; CPU tensors in eager mode only."""
 
 from __future__ import annotations
 
@@ -56,9 +51,6 @@ def _active_dropout(p: float, training: bool) -> bool:
     return training and 0.0 < p < 1.0
 
 
-# --- dropout --------------------------------------------------------------------------------------------
-
-
 def _draw_noise(like: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The scaled ``noise`` of CPU ``F.dropout`` (same draw) and the bool mask of its non-zero entries."""
     noise = torch.empty_like(like).bernoulli_(1 - p)
@@ -101,9 +93,6 @@ class LeanDropout(nn.Dropout):
         return dropout(x, self.p, self.training, self.inplace)
 
 
-# --- attention: dropout(probs) @ value ---------------------------------------------------------------
-
-
 def _batched(x: torch.Tensor) -> torch.Tensor:
     """``x`` with its batch dimensions folded into one, as ``torch.matmul`` folds it for ``bmm``."""
     return x.reshape(math.prod(x.shape[:-2]), x.shape[-2], x.shape[-1])
@@ -115,8 +104,7 @@ def _keeps_value(value: torch.Tensor) -> bool:
 
 
 class _DropoutMatmul(torch.autograd.Function):
-    """``torch.matmul(F.dropout(probs, p), value)`` for same-shaped batch dimensions, on CPU.
-    Keeps ``probs``, the one-byte mask and the values; recomputes the dropped probabilities in backward."""
+    """``torch.matmul(F.dropout(probs, p), value)`` on CPU; backward recomputes the dropout."""
 
     @staticmethod
     def forward(ctx, probs: torch.Tensor, value: torch.Tensor, p: float) -> torch.Tensor:
@@ -164,9 +152,6 @@ def dropout_matmul(probs: torch.Tensor, value: torch.Tensor, p: float) -> torch.
     return torch.matmul(dropout(probs, p), value)
 
 
-# --- linear(gelu(h)) -------------------------------------------------------------------------------------
-
-
 def _mm_mat1_backward(grad: torch.Tensor, mat2: torch.Tensor, mat1: torch.Tensor) -> torch.Tensor:
     """Gradient of ``mat1`` in ``mat1 @ mat2`` as autograd's ``mm``/``addmm`` derivative computes it."""
     rows = mat1.shape[0]
@@ -189,8 +174,7 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 
 class _GeluLinear(torch.autograd.Function):
-    """``F.linear(F.gelu(h), weight, bias)`` that keeps ``h`` (not ``gelu(h)``) for backward.
-    Backward recomputes ``gelu(h)`` and applies autograd's ``addmm`` and ``gelu_backward`` formulas."""
+    """``F.linear(F.gelu(h), weight, bias)`` keeping ``h``, not ``gelu(h)``, for backward."""
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
@@ -245,8 +229,7 @@ def _rows_times_table(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
 
 
 class _VocabularyProjection(torch.autograd.Function):
-    """``F.linear`` over a vocabulary-sized weight with a fresh, contiguous weight gradient.
-    (Autograd's transposed-view gradient would make a tied table's buffer allocate per contribution.)"""
+    """``F.linear`` over a vocabulary-sized weight with a fresh, contiguous weight gradient."""
 
     @staticmethod
     def forward(ctx, rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

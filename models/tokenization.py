@@ -1,10 +1,5 @@
-"""BERT WordPiece tokenizer with the original SIMLA convention for single sequences.
-
-The original encodes one text as ``[CLS]`` followed by its word pieces, with **no** trailing
-``[SEP]``; a literal ``[SEP]`` inside the text (VQA answers end with it) becomes the special token.
-Pairs keep BERT's ``[CLS] A [SEP] B [SEP]``. Truncation counts the single ``[CLS]``, so
-``truncation=True, max_length=25`` keeps 24 word pieces.
-"""
+"""BERT WordPiece tokenizer with the original SIMLA convention for single sequences:
+``[CLS]`` + word pieces, no trailing ``[SEP]``; pairs keep ``[CLS] A [SEP] B [SEP]``."""
 
 from __future__ import annotations
 

@@ -44,8 +44,7 @@ class Attention(AttentionCapture, nn.Module):
 
 
 class LeanMlp(Mlp):
-    """timm's ``Mlp`` whose ``fc2(gelu(...))`` is one :func:`~models.lean_autograd.gelu_linear` when it
-    applies (GELU, no hidden norm or active dropout); same numbers either way."""
+    """timm's ``Mlp`` with ``fc2(gelu(...))`` as :func:`~models.lean_autograd.gelu_linear`; same numbers."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -152,8 +151,7 @@ class VisionTransformer(nn.Module):
 
     def forward_plain_and_masked(self, x: torch.Tensor, masked_visual_token_pos: torch.Tensor
                                  ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(self(x), self(x, masked_visual_token_pos))`` as one batch of 2B (same computation); run one
-        after the other when the passes draw random numbers."""
+        """``(self(x), self(x, masked_visual_token_pos))``, as one 2B batch unless the passes are random."""
         if self.draws_random_numbers():
             return self(x), self(x, masked_visual_token_pos)
         patches = self.patch_embed(x)

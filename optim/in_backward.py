@@ -1,8 +1,5 @@
 """Optimizer updates applied during the backward pass, so that gradients never all exist at once.
-
-Each parameter is updated (bucketed) as soon as its gradient is accumulated, with the same update and
-an ordinary optimizer object. Incompatible with DDP, fp16 loss scaling, gradient clipping/accumulation.
-"""
+Incompatible with DDP, fp16 loss scaling, gradient clipping/accumulation."""
 
 from __future__ import annotations
 

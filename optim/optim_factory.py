@@ -1,10 +1,5 @@
 """Optimizer factory driven by the ``optimizer:`` section of a SIMLA config.
-
-Parameter groups match the original: trainable only; group 0 (no decay) = 1-D, ``.bias`` and the top-level
-``model.no_weight_decay()`` names; group 1 = the rest; one group when ``weight_decay == 0``.
-``adam``/``adamw`` use the fused kernel where possible (last-bit differences); checkpoints are written as
-the default implementation writes them. ``opt_args: {fused: false}`` overrides the choice.
-"""
+Parameter groups as the original; ``adam``/``adamw`` fused where possible (``opt_args: {fused: false}``)."""
 
 from __future__ import annotations
 
@@ -50,7 +45,6 @@ _OPTIMIZERS: dict[str, tuple[str, dict[str, Any]]] = {
     "fusednovograd": ("fusednovograd", {}),
 }
 
-#: Every value of ``opt`` (without the optional ``lookahead_`` prefix) that :func:`create_optimizer` accepts.
 OPTIMIZER_NAMES: tuple[str, ...] = tuple(_OPTIMIZERS)
 
 #: Names whose torch optimizer has a fused step kernel, and the devices it runs on.
@@ -94,8 +88,7 @@ def _fused_supported(params: Any) -> bool:
 
 
 def keep_default_checkpoint_format(optimizer: torch.optim.Optimizer) -> None:
-    """Make a fused optimizer's checkpoints identical to the default implementation's; loading keeps
-    this optimizer's kernel flags and moves ``step`` next to its parameter."""
+    """Make a fused optimizer's checkpoints identical to the default implementation's, loading included."""
     chosen = [{key: group.get(key) for key in ("fused", "foreach")} for group in optimizer.param_groups]
 
     def on_save(_: torch.optim.Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:

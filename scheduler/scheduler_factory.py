@@ -14,7 +14,6 @@ from scheduler.schedulers import CosineLRScheduler, PlateauLRScheduler, StepLRSc
 
 __all__ = ["SCHEDULER_NAMES", "create_scheduler"]
 
-#: Values of ``sched`` accepted by :func:`create_scheduler`.
 SCHEDULER_NAMES: tuple[str, ...] = ("cosine", "tanh", "step", "plateau")
 #: Keys each schedule needs besides ``sched`` and ``epochs``.
 _CYCLE_REQUIRED = ("min_lr", "decay_rate", "warmup_lr", "warmup_epochs", "cooldown_epochs")
@@ -39,11 +38,8 @@ def _noise_range(lr_noise: Any, num_epochs: int) -> float | list[float] | None:
 def create_scheduler(
     sched_config: Mapping[str, Any] | Any, optimizer: torch.optim.Optimizer
 ) -> tuple[Scheduler, int]:
-    """Build the LR scheduler described by a ``schedular:`` config section (as the original).
-
-    Returns ``(scheduler, num_epochs)`` (ignored by the scripts); the section's ``lr`` is ignored: the peak
-    LR is the optimizer's. After construction every group's LR is ``warmup_lr`` (when warming up).
-    """
+    """Build the LR scheduler described by a ``schedular:`` config section (as the original);
+    returns ``(scheduler, num_epochs)``, the peak LR being the optimizer's."""
     sched = str(section_values(sched_config, "schedular")["sched"]).lower()
     if sched not in SCHEDULER_NAMES:
         raise ValueError(f"Unknown scheduler sched={sched!r}; valid choices: {', '.join(SCHEDULER_NAMES)}")

@@ -1,7 +1,5 @@
 """The LR schedulers the original accepts (``cosine``, ``tanh``, ``step``, ``plateau``) over timm 1.x's.
-
-``state_dict()`` writes the original's keys and order; ``load_state_dict()`` also reads timm 1.x's.
-"""
+``state_dict()`` writes the original's keys and order; ``load_state_dict()`` also reads timm 1.x's."""
 
 from __future__ import annotations
 
@@ -23,8 +21,7 @@ _CYCLE_KEYS = ("t_initial", "t_mul", "lr_min", "decay_rate", "cycle_limit", *_WA
 
 
 class OriginalNoiseMixin:
-    """One draw per step from a generator seeded with ``noise_seed + t``; ``normal`` noise is redrawn
-    until ``|n| < noise_pct`` and *not* scaled by ``noise_std`` (timm 1.x scales it)."""
+    """Noise seeded by ``noise_seed + t``; ``normal``: redrawn until ``|n| < noise_pct``, not scaled."""
 
     noise_seed: int
     noise_type: str
@@ -73,9 +70,8 @@ def _alias(name: str, doc: str) -> property:
 
 
 class CycleMixin(OriginalStateMixin):
-    """Warm-up, then cycles: in cycle ``i`` (``g = decay_rate**i``) ``lr = lr_min*g + 0.5*(base*g -
-    lr_min*g) * shape(t_c, T)``, and :meth:`floor` once ``cycle_limit`` (> 0) cycles are done. timm 1.x
-    does not scale ``lr_min`` by ``g`` (the same for ``decay_rate == 1`` or a single cycle)."""
+    """Warm-up, cycles ``lr = lr_min*g + 0.5*(base*g - lr_min*g) * shape(t_c, T)``, ``g = decay_rate**i``,
+    then :meth:`floor` after ``cycle_limit`` (> 0) cycles; timm 1.x does not scale ``lr_min`` by ``g``."""
 
     cycle_mul: float
     cycle_decay: float
@@ -119,8 +115,7 @@ class CosineLRScheduler(CycleMixin, timm_scheduler.CosineLRScheduler):
 
 
 class TanhLRScheduler(CycleMixin, timm_scheduler.TanhLRScheduler):
-    """Tanh decay: ``shape = 1 - tanh(lb*(1 - r) + ub*r)``, ``r = t_c / T``; ``lr_min *
-    decay_rate**cycle_limit`` after the cycles."""
+    """Tanh decay ``1 - tanh(lb*(1 - r) + ub*r)``, ``r = t_c/T``, then ``lr_min*decay_rate**cycle_limit``."""
 
     state_keys = BASE_STATE_KEYS + ("lb", "ub") + _CYCLE_KEYS
 
@@ -133,8 +128,7 @@ class TanhLRScheduler(CycleMixin, timm_scheduler.TanhLRScheduler):
 
 
 class StepLRScheduler(OriginalStateMixin, timm_scheduler.StepLRScheduler):
-    """``lr = base * decay_rate**(t // decay_t)`` after a linear warm-up (decay counted from ``t = 0``:
-    built with ``warmup_prefix=False``, which the original format does not store)."""
+    """``lr = base * decay_rate**(t // decay_t)`` after a linear warm-up, decay counted from ``t = 0``."""
 
     state_keys = BASE_STATE_KEYS + ("decay_t", "decay_rate", "warmup_t", "warmup_lr_init", "t_in_epochs",
                                     "warmup_steps")

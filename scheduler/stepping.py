@@ -1,9 +1,4 @@
-"""When the training scripts step the LR scheduler, as the original SIMLA scripts do.
-
-Warm-up in epoch 0 (:func:`warmup_step`): ``step(i // step_size)`` every ``step_size`` iterations.
-Per epoch: :func:`epoch_start_step` (``step(e + warmup_epochs)`` at the top of epoch ``e > 0``) or
-:func:`epoch_end_step` (``step(e + warmup_epochs + 1)`` after epoch ``e``'s evaluation), equivalent.
-"""
+"""When the training scripts step the LR scheduler, as the original SIMLA scripts do."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""Checkpoints in one place: files (:mod:`.io`), loading into a task model through the model's filter
-(:mod:`.convert`) and the training state that continues a run (:mod:`.training`)."""
+"""Checkpoints: files (:mod:`.io`), loading through a model's filter (:mod:`.convert`), training state."""
 
 from engine.checkpoint.convert import (
     CheckpointFit,

@@ -20,8 +20,7 @@ CheckpointFilter = Callable[[dict[str, Any], torch.nn.Module, bool], FilteredSta
 
 @dataclass(frozen=True)
 class CheckpointFit:
-    """Differences a script accepts: ``missing``/``unexpected`` glob patterns (``*`` spans dots).
-    Any other difference or shape mismatch is refused."""
+    """Allowed ``missing``/``unexpected`` glob patterns (``*`` spans dots); anything else is refused."""
 
     script: str
     source: str
@@ -95,8 +94,7 @@ def describe_mismatch(model: torch.nn.Module, state_dict: Mapping[str, torch.Ten
 
 def check_checkpoint_fit(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], path: str,
                          fit: CheckpointFit) -> KeyDifferences:
-    """Raise ``ValueError`` unless ``state_dict`` differs from ``model`` only as ``fit`` allows (plus ViT
-    mask tokens and absent momentum twins); returns the allowed differences."""
+    """``ValueError`` unless ``state_dict`` differs from ``model`` only as ``fit`` allows; returns those."""
     diff = key_differences(model, state_dict)
     may_miss = _matcher((*fit.missing, *MASK_TOKEN_KEYS))
     may_add = _matcher((*fit.unexpected, *MASK_TOKEN_KEYS, *absent_momentum_twins(model)))

@@ -61,9 +61,7 @@ def save_on_master(obj: Any, path: str | os.PathLike[str]) -> None:
         save_checkpoint(obj, path)
 
 
-# --- OmegaConf stand-ins -----------------------------------------------------------------------------
-# Inert stand-ins for OmegaConf classes pickled in original pretraining checkpoints (weights-only
-# unpickling); converted to plain dicts/lists after loading.
+# Inert stand-ins for OmegaConf classes in original checkpoints; loaded as plain dicts/lists.
 
 
 class _OmegaConfStub:
@@ -214,8 +212,7 @@ _ALLOWED_PICKLE_GLOBALS = {"collections.OrderedDict", "torch._utils._rebuild_ten
 
 
 def _scan_pickles(path: str, count: int = 5) -> tuple[list[str], bool]:
-    """Globals the checkpoint's pickles refer to (read with ``pickletools``, nothing executed) and
-    whether those pickles are complete (to tell a cut file from one that asks for a global)."""
+    """Globals the pickles refer to (read, not executed) and whether the pickles are complete."""
     try:
         with open(path, "rb") as handle:
             data = handle.read()
@@ -285,11 +282,8 @@ def _unpickler_reason(message: str) -> str:
 
 
 def load_checkpoint(path: str | os.PathLike[str], trust: bool = False) -> Any:
-    """Load a checkpoint on the CPU without running pickled code (unless ``trust`` is set).
-
-    OmegaConf configs come back as plain dicts/lists. Raises ``FileNotFoundError``,
-    :class:`UnsafeCheckpointError` (other globals needed) or ``RuntimeError`` (truncated/corrupt).
-    """
+    """Load a checkpoint on the CPU without running pickled code (unless ``trust`` is set); raises
+    ``FileNotFoundError``, :class:`UnsafeCheckpointError` or ``RuntimeError`` (truncated/corrupt)."""
     file = os.fspath(path)
     if not os.path.isfile(file):
         raise FileNotFoundError(2, "checkpoint file not found", file)

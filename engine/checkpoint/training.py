@@ -1,9 +1,5 @@
 """Checkpoints that continue a run exactly: training state, random generators and data position.
-
-Keeps the original keys (readable both ways) and adds ``next_step`` (first untrained batch of
-``epoch``), ``rng_states`` (by rank), ``sampler``, ``scaler`` and task extras. Saving is collective,
-refuses non-finite weights and replaces files atomically.
-"""
+Original keys plus ``next_step``, ``rng_states``, ``sampler``, ``scaler``; saving is collective, atomic."""
 
 from __future__ import annotations
 
@@ -232,10 +228,7 @@ def link_or_copy(source: str, target: str) -> None:
 
 def resume_point(checkpointer: TrainingCheckpointer, checkpoint: Mapping[str, Any] | None, args: Any,
                  num_batches: int, epoch_end_warmup: int | None = None) -> ResumePoint:
-    """Where training starts: epoch 0 unless ``args.resume`` continues ``checkpoint``.
-
-    ``epoch_end_warmup``: applies the missed scheduler step to best-score files written before it.
-    """
+    """Where training starts: epoch 0 unless ``args.resume`` continues ``checkpoint``."""
     if checkpoint is None or not getattr(args, "resume", False):
         if getattr(args, "resume", False):
             raise ValueError("--resume needs --checkpoint (a checkpoint written by this script)")

@@ -1,9 +1,4 @@
-"""Image-text alignment losses of the pretraining and retrieval models.
-
-ITA: contrastive loss of the online features against the momentum features and the queues, with
-targets distilled from the momentum similarities (weight ``alpha``). ITM: match / no-match head over
-the positive pairs and, per text and per image, a hard negative drawn from the in-batch similarities.
-"""
+"""Image-text alignment losses of the pretraining and retrieval models."""
 
 from __future__ import annotations
 
@@ -37,8 +32,7 @@ def sample_negatives(weights: torch.Tensor) -> torch.Tensor:
 
 def ita_loss(model: Any, image_feat: torch.Tensor, text_feat: torch.Tensor, image_feat_m: torch.Tensor,
              text_feat_m: torch.Tensor, alpha: float, sim_targets: torch.Tensor | None = None) -> ITA:
-    """ITA of ``model`` (``temp``, ``image_queue``, ``text_queue``); ``sim_targets`` defaults to the
-    batch diagonal (the queue holds no positives)."""
+    """ITA of ``model``; ``sim_targets`` defaults to the batch diagonal (the queue holds no positives)."""
     with torch.no_grad():
         image_feat_all = torch.cat([image_feat_m.t(), model.image_queue.clone().detach()], dim=1)
         text_feat_all = torch.cat([text_feat_m.t(), model.text_queue.clone().detach()], dim=1)
@@ -59,8 +53,7 @@ def ita_loss(model: Any, image_feat: torch.Tensor, text_feat: torch.Tensor, imag
 def itm_loss(model: Any, positive_cls: torch.Tensor, ita: ITA,
              fuse_negatives: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
              same_image: torch.Tensor | None = None) -> ITM:
-    """ITM over ``B`` positives and ``2B`` hard negatives; ``positive_cls`` are the fused [CLS] states of
-    the pairs ``(b, b)``; ``fuse_negatives`` fuses (text, negative image) then (image, negative text)."""
+    """ITM over ``B`` positives (fused [CLS] ``positive_cls``) and ``2B`` ``fuse_negatives`` pairs."""
     batch = positive_cls.shape[0]
     with torch.no_grad():
         weights_i2t = F.softmax(ita.sim_i2t[:, :batch].float(), dim=1)

@@ -1,5 +1,4 @@
-"""What the task models' checkpoint filters share: the key families of a pretraining checkpoint, the
-``bert.`` rename, and the result a filter returns (``checkpoint_filter_fn`` next to each model class)."""
+"""What the task models' checkpoint filters share: pretraining key families, ``bert.`` rename, result."""
 
 from __future__ import annotations
 
@@ -27,8 +26,7 @@ def without_bert(key: str) -> str:
 
 
 def strip_bert_prefix(state_dict: Mapping[str, V]) -> dict[str, V]:
-    """Every key loses each ``bert.`` (the pretraining text layout onto the fine-tuning one); two keys
-    that would get one name raise ``ValueError``."""
+    """Drop every ``bert.`` from the keys; two keys that would get one name raise ``ValueError``."""
     out: dict[str, V] = {}
     first: dict[str, str] = {}
     for key, value in state_dict.items():
@@ -42,11 +40,8 @@ def strip_bert_prefix(state_dict: Mapping[str, V]) -> dict[str, V]:
 
 @dataclass
 class FilteredState:
-    """A checkpoint's ``model`` state mapped onto a model, and how it may differ from the model.
-
-    ``missing``/``unexpected``: glob patterns (``*`` spans dots) of allowed differences; ``strict`` allows
-    none. ``renamed`` is ``{new: old}``; ``after_load`` runs once the state is in.
-    """
+    """A checkpoint's ``model`` state mapped onto a model, and how it may differ from the model:
+    ``missing``/``unexpected`` glob patterns (``*`` spans dots), ``renamed`` ``{new: old}``."""
 
     state_dict: dict[str, Any]
     source: str

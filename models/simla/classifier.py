@@ -1,5 +1,4 @@
-"""Base of the NLVR2 and SNLI-VE classifiers: ViT, fusion BERT and a two-layer head, distilled from
-momentum copies of all three when the config sets ``distill``."""
+"""Base of the NLVR2 and SNLI-VE classifiers: ViT, fusion BERT, head, momentum copies with ``distill``."""
 
 from __future__ import annotations
 
@@ -27,15 +26,11 @@ def distillation_loss(prediction: torch.Tensor, prediction_m: torch.Tensor, targ
 
 
 class DistilledClassifier(MomentumMixin, nn.Module):
-    """``forward(image, text, targets, alpha, train)``: the loss when ``train``, else the logits.
-
-    Subclasses call :meth:`build_classifier` and implement :meth:`classify`.
-    """
+    """``forward(image, text, targets, alpha, train)``: the loss when ``train``, else the logits."""
 
     def build_classifier(self, config: Mapping[str, Any], num_classes: int,
                          text_encoder: Callable[[bool], BertModel]) -> None:
-        """Online encoders and head, then (with ``distill``) their momentum copies;
-        ``text_encoder(online)`` builds a fusion BERT."""
+        """Online encoders and head, then (with ``distill``) their momentum copies."""
         self.distill = bool(config["distill"])
         self.visual_encoder = vit_from_config(config)
         self.text_encoder = text_encoder(True)
@@ -69,8 +64,7 @@ class DistilledClassifier(MomentumMixin, nn.Module):
 
     def forward(self, image: torch.Tensor, text: Any, targets: torch.Tensor | None = None, alpha: float = 0.0,
                 train: bool = True) -> torch.Tensor:
-        """The loss when ``train`` (distilled from the momentum model with weight ``alpha`` if the model
-        distils), else the logits."""
+        """The loss when ``train`` (distilled with weight ``alpha`` if the model distils), else the logits."""
         prediction = self.classify(image, text, targets, momentum=False)
         if not train:
             return prediction

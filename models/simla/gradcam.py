@@ -1,9 +1,4 @@
-"""Grad-CAM maps of the retrieval model, used by ``Grounding.py`` to rank detector boxes.
-
-``itm``: text-encoder cross-attention times its clamped gradient of the ITM logits, averaged over heads
-and all text positions (padding included, as the original). ``itc``: ViT CLS self-attention times its
-clamped gradient of the similarity. Maps are unnormalised, on the patch grid; ``.grad`` is untouched.
-"""
+"""Grad-CAM maps of the retrieval model, used by ``Grounding.py`` to rank detector boxes."""
 
 from __future__ import annotations
 

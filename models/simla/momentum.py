@@ -1,7 +1,4 @@
-"""Momentum (EMA) encoders and feature queues, shared by every distilling SIMLA model.
-
-Queues are buffers on the model itself, so their state_dict keys match the original checkpoints.
-"""
+"""Momentum (EMA) encoders and feature queues, shared by every distilling SIMLA model."""
 
 from __future__ import annotations
 
@@ -57,8 +54,6 @@ class MomentumMixin:
         momentum = [p.data for p in momentum]
         torch._foreach_lerp_(momentum, online, 1.0 - self.momentum)
 
-    # ---------------------------------------------------------------------------------------------
-
     def init_queues(self, embed_dim: int, queue_size: int, with_idx: bool = False) -> None:
         self.queue_size = int(queue_size)
         self.register_buffer("image_queue", F.normalize(torch.randn(embed_dim, self.queue_size), dim=0))
@@ -68,8 +63,7 @@ class MomentumMixin:
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
 
     def check_queue_fits(self, batch_size: int, world_size: int) -> None:
-        """Refuse, before training, a batch that cannot be written at the stored queue position (the
-        global batch must divide ``queue_size`` and the pointer, e.g. after resuming with another batch)."""
+        """Refuse, before training, a global batch not dividing ``queue_size`` and the queue pointer."""
         if not hasattr(self, "queue_ptr"):
             return
         global_batch = batch_size * world_size

@@ -1,8 +1,4 @@
-"""SIMLA for NLVR2: a statement is judged true or false of a pair of images.
-
-``xbert`` text encoder with every layer cross-attending, alternating image 0/1; from ``nlvr_split_layer``
-(6) on, layer pairs share cross-attention key/value projections (``nlvr_num_layers`` 18).
-"""
+"""SIMLA for NLVR2: a statement is judged true or false of a pair of images."""
 
 from __future__ import annotations
 
@@ -37,10 +33,7 @@ def nlvr_layout(config: Mapping[str, Any]) -> tuple[int, int]:
 
 
 def share_cross_attention(encoder: nn.Module, split_layer: int) -> None:
-    """Make layers ``(n, n+1)`` from ``split_layer`` on share cross-attention key/value projections.
-
-    Layer ``n`` takes over ``n+1``'s tensors: the state_dict keeps both names, ``named_parameters()`` one.
-    """
+    """Make layers ``(n, n+1)`` from ``split_layer`` on share cross-attention key/value projections."""
     layers = encoder.layer
     if (len(layers) - split_layer) % 2:
         raise ValueError(f"cannot pair layers {split_layer}..{len(layers) - 1} for shared cross-attention: "
@@ -106,10 +99,7 @@ SIMLA = SIMLANLVR
 
 
 def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: SIMLANLVR, own: bool = False) -> FilteredState:
-    """A ``Pretrain_NLVR.py`` (or ``NLVR.py``) checkpoint, loaded as it is.
-
-    Momentum models are copied from the online ones before loading (``copy_momentum_after_load``: after).
-    """
+    """A ``Pretrain_NLVR.py`` (or ``NLVR.py``) checkpoint, loaded as it is."""
     del own
     if not model.copy_momentum_after_load:
         model.copy_params()

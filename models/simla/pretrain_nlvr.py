@@ -1,8 +1,4 @@
-"""Text-assignment pretraining of the two-image NLVR model (``Pretrain_NLVR.py``).
-
-A 3-way head predicts whether a caption's own image is in slot 0, slot 1 or neither (class 2); the other
-images are drawn from the batch by ``vision_proj`` similarity. ``text_proj``/``temp`` exist only for keys.
-"""
+"""Text-assignment pretraining of the two-image NLVR model (``Pretrain_NLVR.py``)."""
 
 from __future__ import annotations
 
@@ -28,10 +24,7 @@ PRETRAIN_CHECKPOINT_MISSING: tuple[str, ...] = ("ta_head.*",
 
 
 def pair_images(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Draw the image pair and class of every caption from the (B, B) similarity weights.
-
-    Returns ``(index_slot0, index_slot1, labels)``, each ``(B,)``; CPU generator draws in the original order.
-    """
+    """Draw every caption's image pair and class from the (B, B) weights: three ``(B,)`` tensors."""
     batch = weights.shape[0]
     if batch < 3:
         # every row has batch - 1 non-zero weights and class 2 needs two distinct other images
@@ -121,11 +114,7 @@ _TEXT_LAYER = re.compile(r"^(?P<prefix>.*?encoder\.layer\.)(?P<index>\d+)(?P<res
 
 def pretrain_to_nlvr_state_dict(state_dict: Mapping[str, torch.Tensor], num_layers: int = 18,
                                 split_layer: int = 6) -> dict[str, torch.Tensor]:
-    """Map a pretraining checkpoint onto the two-image model, as ``Pretrain_NLVR.py`` does.
-
-    Layer ``L >= split_layer`` is copied to layers ``2(L - split) + split`` and the next one; ``ValueError``
-    if that does not give ``num_layers`` layers.
-    """
+    """Map a pretraining checkpoint onto the two-image model, as ``Pretrain_NLVR.py`` does."""
     mapped: dict[str, torch.Tensor] = {}
     source_depth = 0
     for key, value in state_dict.items():

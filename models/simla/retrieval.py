@@ -1,9 +1,5 @@
 """SIMLA image-text retrieval model: ITA with image-id aware targets and queues, ITM with hard negatives.
-
-Serves ``Retrieval.py``, ``zero_shot_retrieval.py`` and ``Grounding.py``. ``enqueue_idx: true`` writes
-image ids into ``idx_queue`` (ALBEF's behaviour); the original never does, so queued features are never
-positives.
-"""
+``enqueue_idx: true`` writes image ids into ``idx_queue`` (ALBEF); the original never does."""
 
 from __future__ import annotations
 
@@ -28,10 +24,7 @@ NO_IMAGE_ID = -100
 
 
 class SIMLARetrieval(MomentumMixin, nn.Module):
-    """Retrieval model; ``forward(image, text, alpha, idx)`` returns ``(loss_ita, loss_itm)``.
-
-    ``idx_queue=False`` builds it without the ``idx_queue`` buffer (zero-shot evaluation).
-    """
+    """Retrieval model; ``forward(image, text, alpha, idx)`` returns ``(loss_ita, loss_itm)``."""
 
     def __init__(self, text_encoder: str | None = None, tokenizer: Any = None,
                  config: Mapping[str, Any] | None = None, temp: float = 0.07, init_deit: bool = True,
@@ -84,8 +77,6 @@ class SIMLARetrieval(MomentumMixin, nn.Module):
         self.visual_encoder.set_grad_checkpointing(enable)
         self.text_encoder.set_grad_checkpointing(enable)
 
-    # --- pieces shared with evaluation and Grad-CAM -------------------------------------------------
-
     def image_features(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(image_embeds (B, N+1, D), image_feat (B, E))``: ViT output and its normalised projection."""
         image_embeds = self.visual_encoder(image)
@@ -101,9 +92,7 @@ class SIMLARetrieval(MomentumMixin, nn.Module):
     def itm_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                    image_embeds: torch.Tensor | None = None, image_atts: torch.Tensor | None = None,
                    image_kv: CrossKeyValues | None = None, cls_only: bool = False) -> torch.Tensor:
-        """Match / no-match logits ``(B, 2)`` of text ``b`` with image ``b``.
-
-        Images as ViT states ``image_embeds`` or projected ``image_kv``; ``cls_only``: same logits."""
+        """Match / no-match logits ``(B, 2)`` of text ``b`` with image ``b``."""
         if image_atts is None and image_embeds is not None:
             image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
         output = self.text_encoder(input_ids, attention_mask=attention_mask, encoder_hidden_states=image_embeds,
@@ -114,8 +103,6 @@ class SIMLARetrieval(MomentumMixin, nn.Module):
     def image_key_values(self, image_embeds: torch.Tensor) -> CrossKeyValues:
         """The fusion layers' keys and values of ViT states, for :meth:`itm_logits` (``image_kv``)."""
         return self.text_encoder.cross_key_values(image_embeds, mode="multimodal")
-
-    # --- training -----------------------------------------------------------------------------------
 
     def mask(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Masked-LM ids and labels (present in the original model, not used by its losses)."""
@@ -170,7 +157,6 @@ class SIMLARetrieval(MomentumMixin, nn.Module):
         ita = ita_loss(self, image_feat, text_feat, image_feat_m, text_feat_m, alpha, sim_targets)
         self._dequeue_and_enqueue(image_feat_m, text_feat_m, idx if self.enqueue_idx else None)
 
-        # ITM: the positive pairs, then (text, hard negative image) and (hard negative text, image)
         output_pos = self.text_encoder(ids, attention_mask=text_mask, encoder_hidden_states=image_embeds,
                                        encoder_attention_mask=image_atts, mode="multimodal")
 
@@ -194,9 +180,6 @@ class SIMLARetrieval(MomentumMixin, nn.Module):
 
 
 SIMLA = SIMLARetrieval
-
-
-# --- checkpoints ------------------------------------------------------------------------------------------
 
 
 def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: SIMLARetrieval, own: bool = False) -> FilteredState:

@@ -1,8 +1,5 @@
 """SIMLA visual question answering: a fused question encoder and a causal answer decoder.
-
-``vqa_distill_alpha``: the original calls the decoder without ``alpha``, so distillation is multiplied
-by 0 (the default here, skipping the momentum forward passes); ``true`` trains with distillation.
-"""
+``vqa_distill_alpha``: false (default) skips distillation, which the original multiplies by 0."""
 
 from __future__ import annotations
 
@@ -67,8 +64,6 @@ class SIMLAVQA(MomentumMixin, nn.Module):
             self.text_encoder.set_grad_checkpointing(True)
             self.text_decoder.set_grad_checkpointing(True)
 
-    # ---------------------------------------------------------------------------------------------
-
     def _encode_question(self, visual_encoder: nn.Module, text_encoder: nn.Module, image: torch.Tensor,
                          question: Any) -> torch.Tensor:
         image_embeds = visual_encoder(image)
@@ -79,8 +74,7 @@ class SIMLAVQA(MomentumMixin, nn.Module):
 
     def forward(self, image: torch.Tensor, question: Any, answer: Any = None, alpha: float = 0.0,
                 k: Sequence[int] | int | None = None, weights: torch.Tensor | None = None, train: bool = True):
-        """Training: ``sum(weights * answer NLL) / batch`` (``k[b]`` consecutive answers per question).
-        Evaluation: ``rank_answer`` -> ``(topk_ids, topk_probs)`` each ``(B, k)``."""
+        """Training: ``sum(weights * answer NLL) / batch``; else ``(topk_ids, topk_probs)``, ``(B, k)``."""
         if answer is None:
             raise ValueError("the VQA model needs the answer tokens (training answers or the answer list)")
         if not train:
@@ -129,8 +123,7 @@ class SIMLAVQA(MomentumMixin, nn.Module):
     @torch.no_grad()
     def rank_answer(self, question_states: torch.Tensor, question_atts: torch.Tensor, answer_ids: torch.Tensor,
                     answer_atts: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rank the answer list: the ``k`` best first tokens, re-scored by the whole answer's likelihood
-        (first token counted twice, as the original). Returns answer-list indices and probabilities."""
+        """Re-score the ``k`` best first tokens by answer likelihood (first token twice, as the original)."""
         num_questions = question_states.shape[0]
         num_answers = answer_ids.shape[0]
         if not 1 <= k <= num_answers:
@@ -158,9 +151,6 @@ class SIMLAVQA(MomentumMixin, nn.Module):
 SIMLA = SIMLAVQA
 
 
-# -------------------------------------------------------------------------------------------------
-# loading a pretraining checkpoint
-
 _ENCODER_LAYER = re.compile(r"^(text_encoder(?:_m)?)\.bert\.encoder\.layer\.(\d+)\.(.+)$")
 
 
@@ -172,10 +162,7 @@ def is_pretrain_layout(keys: Iterable[str]) -> bool:
 
 
 def pretrain_key_sources(keys: Iterable[str], decoder_depth: int = DEFAULT_DECODER_DEPTH) -> dict[str, str]:
-    """The renamed keys of a pretraining checkpoint loaded into the VQA model, ``{target: source}``.
-
-    The last ``decoder_depth`` encoder layers (plus embeddings and MLM head) become the decoder's.
-    """
+    """The renamed keys of a pretraining checkpoint loaded into the VQA model, ``{target: source}``."""
     keys = list(keys)
     depth_by_prefix: dict[str, int] = {}
     for key in keys:
