@@ -1,8 +1,4 @@
-"""SIMLA weakly supervised visual grounding on RefCOCO+: fine-tune ITA + ITM, rank boxes by Grad-CAM.
-
-python -m torch.distributed.launch --nproc_per_node=8 --use_env Grounding.py --config ./configs/Grounding.yaml \
-    --output_dir output/RefCOCO --gradcam_mode itm --block_num 8 --checkpoint [pretrained checkpoint]
-"""
+"""SIMLA weakly supervised visual grounding on RefCOCO+: fine-tune ITA + ITM, rank boxes by Grad-CAM."""
 
 from __future__ import annotations
 
@@ -49,8 +45,7 @@ def main(args: argparse.Namespace) -> None:
         checkpoint, _ = load_checkpoint_into(model, args.checkpoint, checkpoint_filter_fn, "Grounding.py",
                                              trust=args.trust_checkpoint)
     model = model.to(device)
-    # every parameter takes part in each step, as the original's _set_static_graph() declares
-    model, model_without_ddp = wrap_ddp(model, ctx, static_graph=True)
+    model, model_without_ddp = wrap_ddp(model, ctx, static_graph=True)  # the original's _set_static_graph()
 
     parts = training_parts(args, config, model, model_without_ddp, device, train_sampler, batch_size)
     epochs, warmup_epochs = schedule_epochs(config)

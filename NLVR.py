@@ -1,12 +1,4 @@
-"""NLVR2 fine-tuning: is a statement true of a pair of images?
-
-python -m torch.distributed.launch --nproc_per_node=8 --use_env NLVR.py --config ./configs/NLVR.yaml \
-    --output_dir output/NLVR --checkpoint [Pretrain_NLVR.py checkpoint]
-(also torchrun, SLURM, or a plain single process on a CPU or GPU)
-
-Every epoch trains, then evaluates the val and test splits; a checkpoint ``checkpoint_%02d.pth`` is
-written whenever the val accuracy improves. As in the original there is no ``--evaluate``.
-"""
+"""NLVR2 fine-tuning from a ``Pretrain_NLVR.py`` checkpoint: is a statement true of a pair of images?"""
 
 from __future__ import annotations
 
@@ -54,7 +46,7 @@ def main(args: argparse.Namespace) -> None:
     print("Creating model")
     model = SIMLA(config=config, text_encoder=args.text_encoder, tokenizer=tokenizer)
     checkpoint = None
-    if args.checkpoint:  # a Pretrain_NLVR.py checkpoint, or one of this script to resume
+    if args.checkpoint:
         checkpoint, _ = load_checkpoint_into(model, args.checkpoint, checkpoint_filter_fn, "NLVR.py",
                                              trust=args.trust_checkpoint)
     model = model.to(device)
@@ -64,7 +56,6 @@ def main(args: argparse.Namespace) -> None:
     point = resume_point(parts.checkpointer, checkpoint, args, len(train_loader), epoch_end_warmup=warmup_epochs)
     del checkpoint
     predict = classifier_predict(model_without_ddp, tokenizer, device, unpack)
-    # an improved validation accuracy writes that epoch's checkpoint_%02d.pth (best_file=None)
     plan = FitPlan(
         make_step=lambda epoch: classifier_step(model, tokenizer, config, device, epoch, unpack), loader=train_loader,
         settings=EpochSettings.for_run(args, ("loss",), stats_format="{:.4f}", warmup_epochs=warmup_epochs,

@@ -1,10 +1,4 @@
-"""Text-assignment pretraining of the two-image NLVR model, starting from a SIMLA pretraining checkpoint.
-
-python -m torch.distributed.launch --nproc_per_node=8 --use_env Pretrain_NLVR.py \
-    --config ./configs/NLVR_pretrain.yaml --output_dir output/NLVR_pretrain --checkpoint [pretrained checkpoint]
-
-Every epoch writes ``checkpoint_%02d.pth``, the starting point of ``NLVR.py``.
-"""
+"""Text-assignment pretraining of the two-image NLVR model; each epoch's checkpoint starts ``NLVR.py``."""
 
 from __future__ import annotations
 
@@ -26,10 +20,7 @@ from models.tokenization import build_tokenizer
 
 
 def make_step(model: torch.nn.Module, tokenizer: Any, device: torch.device):
-    """One iteration: tokenize the captions (at most 25 tokens) and compute the assignment loss."""
-
     def step(batch, i: int, num_batches: int) -> dict[str, torch.Tensor]:
-        # the pretraining dataset also yields the d-VAE view and the patch mask, unused here
         image, caption = batch[0], batch[1]
         image = image.to(device, non_blocking=True)
         text = tokenizer(list(caption), padding="longest", truncation=True, max_length=25,
@@ -47,7 +38,6 @@ def main(args: argparse.Namespace) -> None:
     print("Creating dataset")
     dataset = create_dataset("pretrain", config)
     batch_size = int(config["batch_size"])
-    # the original used the default collate, which fails on an unreadable image; replace it instead
     loader, sampler = training_loader(args, config, dataset, batch_size, SafeCollate())
 
     tokenizer = build_tokenizer(args.text_encoder)
@@ -56,7 +46,7 @@ def main(args: argparse.Namespace) -> None:
     model = model.to(device)
     parts = training_parts(args, config, model, model, device, sampler, batch_size)
     checkpoint = None
-    if args.checkpoint:  # a pretraining checkpoint (layers duplicated), or one of this script to resume
+    if args.checkpoint:
         checkpoint, _ = load_checkpoint_into(model, args.checkpoint, checkpoint_filter_fn, "Pretrain_NLVR.py",
                                              own=args.resume, trust=args.trust_checkpoint)
     point = resume_point(parts.checkpointer, checkpoint, args, len(loader))

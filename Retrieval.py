@@ -1,8 +1,4 @@
-"""SIMLA image-text retrieval fine-tuning (ITA + ITM) on COCO or Flickr30k, evaluated after every epoch.
-
-python -m torch.distributed.launch --nproc_per_node=8 --use_env Retrieval.py --config ./configs/Retrieval_flickr.yaml \
-    --output_dir output/Retrieval_flickr --checkpoint [pretrained checkpoint]
-"""
+"""SIMLA image-text retrieval fine-tuning (ITA + ITM) on COCO or Flickr30k, evaluated after every epoch."""
 
 from __future__ import annotations
 
@@ -28,7 +24,7 @@ LOSS_NAMES = ("loss_itm", "loss_ita")
 
 
 def make_step(model: torch.nn.Module, tokenizer: Any, config: dict, device: torch.device, epoch: int):
-    """The fine-tuning iteration: tokenize (no truncation, as the original), alpha ramp, two losses."""
+    """The fine-tuning iteration; captions are not truncated, as in the original."""
     alpha_max = float(config["alpha"])
     ramp = bool(config["warm_up"]) and epoch == 0
 
@@ -53,7 +49,7 @@ def main(args: argparse.Namespace) -> None:
     train_bs = int(config["batch_size_train"])
     train_loader, train_sampler = training_loader(args, config, train_dataset, train_bs, train_dataset.collate_fn,
                                                   "captions", required=not args.evaluate)
-    # every process scores the whole test split (the evaluation shares out the work itself)
+    # every process reads the whole split; the evaluation shares out the work itself
     (test_loader,) = evaluation_loaders(args, [test_dataset], int(config["batch_size_test"]), sharded=False)
 
     tokenizer = build_tokenizer(args.text_encoder)

@@ -1,8 +1,4 @@
-"""SNLI-VE fine-tuning and evaluation: entailment, neutral or contradiction of a hypothesis given an image.
-
-python -m torch.distributed.launch --nproc_per_node=8 --use_env VE.py --config ./configs/VE.yaml \
-    --output_dir output/VE --checkpoint [pretrained checkpoint]
-"""
+"""SNLI-VE fine-tuning and evaluation: entailment, neutral or contradiction of a hypothesis given an image."""
 
 from __future__ import annotations
 
@@ -51,7 +47,6 @@ def main(args: argparse.Namespace) -> None:
     model = SIMLA(config=config, text_encoder=args.text_encoder, tokenizer=tokenizer)
     checkpoint = None
     if args.checkpoint:
-        # a pretraining checkpoint (``bert.`` dropped from its keys); a VE checkpoint with --evaluate, --resume
         checkpoint, _ = load_checkpoint_into(model, args.checkpoint, checkpoint_filter_fn, "VE.py",
                                              own=args.evaluate or args.resume, trust=args.trust_checkpoint)
     model = model.to(device)

@@ -1,10 +1,4 @@
-"""SIMLA visual question answering: fine-tune the answer decoder, then rank answers for the test split.
-
-python -m torch.distributed.launch --nproc_per_node=8 --use_env VQA.py --config ./configs/VQA.yaml \
-    --output_dir output/vqa --checkpoint [Pretrained checkpoint]
-
-Writes a checkpoint per epoch and ``result/vqa_result_epoch%d.json``; accuracy when annotations allow.
-"""
+"""SIMLA visual question answering: fine-tune the answer decoder, then rank answers for the test split."""
 
 from __future__ import annotations
 
@@ -32,7 +26,6 @@ LOSS_NAMES = ("loss",)
 
 
 def make_step(model: torch.nn.Module, tokenizer: Any, config: dict, device: torch.device, epoch: int):
-    """The VQA iteration: tokenize questions and answers, alpha, weighted answer loss."""
     alpha_max = float(config["alpha"])
     warm_up = bool(config["warm_up"])
 
@@ -71,17 +64,15 @@ def main(args: argparse.Namespace) -> None:
     model = model.to(device)
     parts = training_parts(args, config, model, model, device, train_sampler, batch_size)
     checkpoint = None
-    if args.checkpoint:  # a pretraining checkpoint (renamed onto encoder and decoder), or a VQA one
+    if args.checkpoint:
         checkpoint, _ = load_checkpoint_into(model, args.checkpoint, checkpoint_filter_fn, "VQA.py",
                                              own=args.evaluate or args.resume, trust=args.trust_checkpoint)
     point = ResumePoint() if args.evaluate else resume_point(parts.checkpointer, checkpoint, args, len(train_loader))
     del checkpoint
-    # an unused pretraining mask token would make DDP fail (the original configs set vit_mask_token: false)
-    unused = model.visual_encoder.mask_token is not None
+    unused = model.visual_encoder.mask_token is not None  # an unused mask token would make DDP fail
     model, model_without_ddp = wrap_ddp(model, ctx, find_unused_parameters=unused)
 
     def answer_test_questions(last_epoch: int) -> None:
-        # every process answers its shard of the test split; the padded duplicates are merged away
         vqa_result = evaluation(model_without_ddp, test_loader, tokenizer, device, config, args.amp)
         _, merged = save_result(vqa_result, result_dir, f"vqa_result_epoch{last_epoch}",
                                 question_ids=test_dataset.question_ids())

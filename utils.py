@@ -54,22 +54,18 @@ def seed_everything(seed: int) -> int:
 
 
 def is_dist_avail_and_initialized() -> bool:
-    """True when torch.distributed is available and a default process group exists."""
     return dist.is_available() and dist.is_initialized()
 
 
 def get_world_size() -> int:
-    """Number of processes in the default group (1 without a group)."""
     return dist.get_world_size() if is_dist_avail_and_initialized() else 1
 
 
 def get_rank() -> int:
-    """Global rank of this process (0 without a group)."""
     return dist.get_rank() if is_dist_avail_and_initialized() else 0
 
 
 def is_main_process() -> bool:
-    """True on global rank 0."""
     return get_rank() == 0
 
 
@@ -82,7 +78,6 @@ def group_device() -> torch.device:
 
 
 def barrier() -> None:
-    """Synchronise all processes; does nothing without a process group."""
     if not is_dist_avail_and_initialized():
         return
     if str(dist.get_backend()) == "nccl":

@@ -1,12 +1,4 @@
-"""SIMLA image-text retrieval evaluation of a checkpoint without fine-tuning.
-
-python -m torch.distributed.launch --nproc_per_node=8 --use_env zero_shot_retrieval.py \
-    --config ./configs/Retrieval_flickr.yaml --output_dir output/Retrieval_flickr \
-    --checkpoint [pretrained checkpoint] --evaluate
-
-Without ``--evaluate`` the evaluation repeats ``schedular.epochs`` times, as the original does.
-``--save_sims`` writes the ITC/ITM score matrices as ``.npy`` into ``save_sims`` (or ``output_dir``).
-"""
+"""SIMLA image-text retrieval evaluation of a checkpoint without fine-tuning."""
 
 from __future__ import annotations
 
@@ -49,7 +41,7 @@ def main(args: argparse.Namespace) -> None:
 
     print("Creating retrieval dataset")
     _train_dataset, _val_dataset, test_dataset = create_dataset("re", config)
-    # evaluation only: every process reads the whole split and encodes its own share of it
+    # every process reads the whole split and encodes its own share of it
     (test_loader,) = evaluation_loaders(args, [test_dataset], int(config["batch_size_test"]), sharded=False)
 
     tokenizer = build_tokenizer(args.text_encoder)
@@ -60,8 +52,7 @@ def main(args: argparse.Namespace) -> None:
                              trust=args.trust_checkpoint)
     model = model.to(device)
     model, model_without_ddp = wrap_ddp(model, ctx)
-    # built as in the original; only stepped between repeated evaluations
-    optimizer = create_optimizer(config["optimizer"], model)
+    optimizer = create_optimizer(config["optimizer"], model)  # only stepped between repeated evaluations
     scheduler, _ = create_scheduler(config["schedular"], optimizer)
 
     max_epoch = int(config["schedular"]["epochs"])

@@ -36,12 +36,9 @@ def _yaml_loader() -> YAML:
 
 def _yaml_dumper() -> YAML:
     yaml = YAML(typ="safe", pure=True)
-    # None: flow style for the innermost collections only, like the original's yaml.dump
-    yaml.default_flow_style = None
-    # escape non-ASCII (e.g. U+0085 would read back as a line break)
-    yaml.allow_unicode = False
-    # no line folding: a folded double-quoted scalar with escapes does not read back intact
-    yaml.width = 2**30
+    yaml.default_flow_style = None  # innermost collections in flow style, as the original's yaml.dump
+    yaml.allow_unicode = False  # escape non-ASCII (e.g. U+0085 would read back as a line break)
+    yaml.width = 2**30  # no folding: a folded double-quoted scalar with escapes does not read back intact
     return yaml
 
 

@@ -1,5 +1,4 @@
-"""Datasets, transforms, collates and loaders for every task (``create_dataset`` as the original).
-Unreadable images: ``None`` in training (collate yields ``(batch, num_failed)``); evaluation raises."""
+"""Datasets, transforms, collates and loaders for every task (``create_dataset`` as the original)."""
 
 from __future__ import annotations
 

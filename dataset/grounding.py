@@ -30,8 +30,7 @@ class _PlainUnpickler(pickle.Unpickler):
     """Unpickles lists, dicts, tuples, strings and numbers only (REFER ``refs(*).p`` files)."""
 
     def __init__(self, handle: Any, path: str) -> None:
-        # Python 2 pickles hold byte strings (ASCII / UTF-8 text)
-        super().__init__(handle, encoding="utf-8")
+        super().__init__(handle, encoding="utf-8")  # Python 2 pickles hold byte strings (ASCII / UTF-8 text)
         self.path = path
 
     def find_class(self, module: str, name: str) -> Any:
@@ -180,7 +179,6 @@ class GroundingDataset(Dataset):
 
 
 def create_grounding_datasets(config: Mapping[str, Any]) -> tuple[GroundingDataset, GroundingDataset]:
-    """``(train, test)`` grounding datasets with their transforms."""
     config = with_defaults(config, "grounding")
     transforms = build_transforms(config)
     max_words = int(config["max_words"])

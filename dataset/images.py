@@ -1,5 +1,4 @@
-"""Reading dataset images: RGB conversion, a decompression-bomb guard and reports of unreadable files.
-As the original, truncated JPEGs load; ``MAX_IMAGE_PIXELS`` gives way to :func:`read_rgb`'s check."""
+"""Reading dataset images: RGB conversion, a pixel-count guard, truncated JPEGs loaded as the original."""
 
 from __future__ import annotations
 

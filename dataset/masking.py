@@ -42,7 +42,6 @@ class MaskingGenerator:
         )
 
     def get_shape(self) -> tuple[int, int]:
-        """Mask shape ``(height, width)``."""
         return self.height, self.width
 
     def _mask(self, mask: np.ndarray, max_mask_patches: int) -> int:

@@ -25,8 +25,7 @@ NLVR_LABELS = {"True": 1, "False": 0}
 
 
 class NlvrDataset(Dataset):
-    """``(image0, image1, sentence, label)`` from ``{"images", "sentence", "label": "True" | "False"}`` entries.
-    Unreadable images: ``None`` with ``skip_unreadable`` (train), else :class:`UnreadableImageError`."""
+    """``(image0, image1, sentence, label)``; unreadable: ``None`` if ``skip_unreadable``, else raise."""
 
     def __init__(self, ann_file: str | Sequence[str], transform: Callable[[Any], torch.Tensor], image_root: str,
                  max_words: int = 30, config_key: str = "train_file",
@@ -63,8 +62,7 @@ class NlvrDataset(Dataset):
         image1 = self.read_image(join_image_path(self.image_root, entry["images"][1]), index)
         if image0 is None or image1 is None:
             return None
-        # transforms in the original order (RandAugment draws for image0 first)
-        image0 = self.transform(image0)
+        image0 = self.transform(image0)  # first, as the original (RandAugment draw order)
         image1 = self.transform(image1)
         return image0, image1, pre_caption(entry["sentence"], self.max_words), self.labels[index]
 

@@ -43,8 +43,7 @@ def read_pretrain_entries(path: str) -> list[dict]:
 
 
 class PretrainDataset(Dataset):
-    """``(image, caption, image_for_tokenization, masked_positions)`` from JSON entries and shard samples, in
-    ``ann_file`` order; unreadable or incomplete samples give ``None`` (warned), an empty caption ``""``."""
+    """``(image, caption, image_for_tokenization, masked_positions)``; unreadable: ``None`` (warned)."""
 
     def __init__(self, ann_file: str | Sequence[str], views: Callable[[Any], tuple[torch.Tensor, torch.Tensor]],
                  mask_generator: Callable[[], np.ndarray], max_words: int = 30,

@@ -32,7 +32,6 @@ ALL_OPS: tuple[str, ...] = (
     "ShearY",
 )
 
-# The ten ops every SIMLA image pipeline passes explicitly.
 PIPELINE_OPS: tuple[str, ...] = (
     "Identity",
     "AutoContrast",
@@ -48,7 +47,6 @@ PIPELINE_OPS: tuple[str, ...] = (
 
 
 def identity(img: np.ndarray) -> np.ndarray:
-    """Return the image unchanged."""
     return img
 
 
@@ -62,8 +60,7 @@ def _per_channel_lut(img: np.ndarray, make_table: Callable[[np.ndarray], np.ndar
 
 
 def auto_contrast(img: np.ndarray, fix_offset: bool = False) -> np.ndarray:
-    """Stretch each channel's ``[min, max]`` to ``[0, 255]``; by default with the original's uint8 wrap of
-    ``-low``, ``fix_offset=True`` gives the real stretch."""
+    """Stretch each channel to ``[0, 255]``, with the original's uint8 wrap unless ``fix_offset``."""
 
     def table_for(ch: np.ndarray) -> np.ndarray | None:
         low, high = int(ch.min()), int(ch.max())
@@ -86,7 +83,6 @@ def equalize(img: np.ndarray) -> np.ndarray:
         step = int(nonzero[:-1].sum()) // 255
         if step == 0:
             return None
-        # Entry i is (step // 2 + number of pixels below i) // step.
         shifted = np.empty_like(hist)
         shifted[0] = step // 2
         shifted[1:] = hist[:-1]
@@ -182,8 +178,7 @@ def translate_y(img: np.ndarray, offset: float, fill: Sequence[int] = (0, 0, 0))
 
 def posterize(img: np.ndarray, bits: int) -> np.ndarray:
     """Keep the top ``bits`` bits of every value."""
-    # the original's np.uint8(255 << (8 - bits)) wrapped to the low byte on old numpy
-    mask = np.uint8((255 << (8 - bits)) & 0xFF)
+    mask = np.uint8((255 << (8 - bits)) & 0xFF)  # the low byte, as the original's uint8 cast on old numpy
     return np.bitwise_and(img, mask)
 
 
@@ -249,7 +244,6 @@ class RandomAugment:
         self.N = N
         self.M = M
         self.isPIL = isPIL
-        # An empty or missing list means "all ops", as in the original.
         self.augs = list(augs) if augs else list(ALL_OPS)
         unknown = [name for name in self.augs if name not in OP_FUNCS]
         if unknown:

@@ -1,8 +1,4 @@
-"""Training data order that a checkpoint can resume mid-epoch, bit for bit.
-
-:class:`ResumableSampler` orders an epoch as ``DistributedSampler`` and can start part-way;
-:class:`SeededSamples` seeds each sample from ``(seed, epoch, position)``, independent of workers.
-"""
+"""Training data order that a checkpoint can resume mid-epoch, bit for bit, independent of workers."""
 
 from __future__ import annotations
 
@@ -31,8 +27,7 @@ def sample_seed(seed: int, epoch: int, position: int) -> int:
 
 
 class ResumableSampler(Sampler):
-    """``DistributedSampler`` order (``drop_last=False``) yielding ``(index, sample_seed)``.
-    ``start_at(n)`` skips this rank's first ``n`` samples once; ``len()`` is always the full epoch."""
+    """``DistributedSampler`` order yielding ``(index, sample_seed)``; ``len()`` is always the full epoch."""
 
     def __init__(self, num_samples: int, num_replicas: int = 1, rank: int = 0, shuffle: bool = True,
                  seed: int = 0) -> None:
@@ -124,8 +119,7 @@ def create_train_loader(dataset: Dataset, batch_size: int, num_workers: int,
                                shuffle=True, seed=seed)
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
-    # a private generator: creating the loader's iterator must not draw from the global torch generator
-    generator = torch.Generator()
+    generator = torch.Generator()  # creating the iterator must not draw from the global generator
     generator.manual_seed(seed)
     loader = DataLoader(SeededSamples(dataset), batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                         pin_memory=pin_memory, collate_fn=collate_fn, drop_last=True,

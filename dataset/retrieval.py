@@ -1,5 +1,4 @@
-"""Image-text retrieval datasets (COCO / Flickr30k format) as the original ``create_dataset("re")``.
-Unreadable images: ``None`` in training, :class:`UnreadableImageError` in evaluation."""
+"""Image-text retrieval datasets (COCO / Flickr30k format) as the original ``create_dataset("re")``."""
 
 from __future__ import annotations
 
@@ -107,7 +106,6 @@ class RetrievalEvalDataset(Dataset):
 
 def create_retrieval_datasets(config: Mapping[str, Any]
                               ) -> tuple[RetrievalTrainDataset, RetrievalEvalDataset, RetrievalEvalDataset]:
-    """``(train, val, test)`` from ``train_file``, ``val_file``, ``test_file`` and ``image_root``."""
     config = with_defaults(config, "retrieval")
     transforms = build_transforms(config)
     max_words = int(config["max_words"])

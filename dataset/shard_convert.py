@@ -1,9 +1,4 @@
-"""Convert pretraining annotations between JSON + image files and webdataset shards (img2dataset layout).
-    python -m dataset.shard_convert to-shards --train_file a.json [b.json ...] --out_dir shards \\
-        [--samples_per_shard 10000]
-    python -m dataset.shard_convert to-json --shards 'shards/{00000..00003}.tar' --out_dir out \\
-        [--caption_key caption]
-``to-shards`` writes ``NNNNN.tar`` + ``NNNNN_stats.json``; ``to-json``: ``images/``, ``annotations.json``."""
+"""Convert pretraining annotations between JSON + image files and webdataset shards (img2dataset layout)."""
 
 from __future__ import annotations
 
@@ -62,8 +57,7 @@ def _write_shard(handle: BinaryIO, samples: list[dict[str, Any]]) -> None:
 
 def json_to_shards(ann_files: str | Sequence[str], out_dir: str,
                    samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD, url_base: str | None = None) -> dict[str, Any]:
-    """Write pretraining JSON entries as shards of ``samples_per_shard`` (unreadable images left out and
-    counted); ``url_base``: paths relative to it. Returns ``{"shards", "successes", "failed"}``."""
+    """Write pretraining JSON entries as shards; unreadable images are left out and counted as failed."""
     if samples_per_shard < 1:
         raise ValueError(f"samples_per_shard must be at least 1, got {samples_per_shard}")
     files = as_file_list(ann_files, "train_file")
@@ -110,8 +104,7 @@ def json_to_shards(ann_files: str | Sequence[str], out_dir: str,
 
 def shards_to_json(sources: str | Sequence[str], out_dir: str, caption_key: str | None = None,
                    name: str = "annotations.json") -> dict[str, Any]:
-    """Write shard samples (paths, brace patterns, folders) as image files and one pretraining JSON file,
-    skipping (warned) those without image or caption. Returns ``{"annotations", "written", "skipped"}``."""
+    """Write shard samples as image files and one JSON file; those without image or caption are skipped."""
     entries: list[dict[str, Any]] = []
     skipped = 0
     root = os.path.abspath(out_dir)
@@ -137,7 +130,6 @@ def shards_to_json(sources: str | Sequence[str], out_dir: str, caption_key: str 
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Command-line entry point."""
     parser = argparse.ArgumentParser(description="Convert pretraining data between JSON + images and shards.")
     commands = parser.add_subparsers(dest="command", required=True)
     to_shards = commands.add_parser("to-shards", help="JSON annotation files and their images -> shards")

@@ -1,5 +1,4 @@
-"""Webdataset tar shards (the img2dataset layout) read as a map-style sequence of samples.
-Indexed once from tar headers (cached in ``NNNNN_index.json``); damaged samples read as unreadable."""
+"""Webdataset tar shards (img2dataset layout) as a map-style sequence, indexed from tar headers (cached)."""
 
 from __future__ import annotations
 
@@ -24,8 +23,7 @@ STATS_SUFFIX = "_stats.json"
 INDEX_SUFFIX = "_index.json"
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm")
 INDEX_VERSION = 1
-# the size recorded for a member whose data the tar file cuts short
-CUT = -1
+CUT = -1  # the size recorded for a member whose data the tar file cuts short
 
 
 class ShardError(ValueError):
@@ -67,8 +65,7 @@ def shard_stem(path: str) -> str:
 
 @dataclass
 class ShardIndex:
-    """The samples of one shard: their keys in tar order and, per key, ``extension -> [offset, size]``;
-    ``lost``: samples the stats file counts beyond the tar; ``damage``: why the listing ended early."""
+    """One shard's keys (tar order) and members; ``lost``: samples its stats count beyond the tar."""
 
     path: str
     keys: list[str] = field(default_factory=list)
@@ -131,8 +128,7 @@ def _write_index_cache(index: ShardIndex) -> None:
     data = {"version": INDEX_VERSION, "tar": _stat_key(index.path), "keys": index.keys, "members": index.members,
             "damage": index.damage}
     text = json.dumps(data, separators=(",", ":")).encode("utf-8")
-    # a read-only data folder just goes without a cache
-    with contextlib.suppress(OSError):
+    with contextlib.suppress(OSError):  # a read-only data folder just goes without a cache
         atomic_write(shard_stem(index.path) + INDEX_SUFFIX, lambda handle: handle.write(text))
 
 
@@ -194,7 +190,6 @@ class ShardSet:
         return self.starts[-1]
 
     def read(self, position: int) -> ShardSample:
-        """The sample at ``position`` (``0 <= position < len(self)``)."""
         if not 0 <= position < len(self):
             raise IndexError(f"sample {position} of {len(self)} shard samples")
         shard = bisect.bisect_right(self.starts, position) - 1

@@ -15,16 +15,13 @@ from torchvision.transforms import functional as TF
 from configs.schema import patch_grid
 from dataset.randaugment import PIPELINE_OPS, RandomAugment
 
-# CLIP image statistics, used by every normalised pipeline.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-# dall_e's logit-Laplace epsilon: d-VAE inputs live in [eps, 1 - eps].
-LOGIT_LAPLACE_EPS = 0.1
+LOGIT_LAPLACE_EPS = 0.1  # dall_e's logit-Laplace epsilon: d-VAE inputs live in [eps, 1 - eps]
 
 PRETRAIN_CROP_SCALE = (0.2, 1.0)
 FINETUNE_CROP_SCALE = (0.5, 1.0)
-# torchvision's RandomResizedCrop default aspect range.
 CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 
 
@@ -108,8 +105,7 @@ def build_transforms(config: Mapping[str, Any]) -> dict[str, Callable[[Image.Ima
 
 
 class PretrainViews:
-    """The two pretraining views ``(image, image_for_tokenization)`` of one PIL image: two independent
-    pipelines as the original, or with ``mim_aligned_views: true`` one shared crop, flip and RandAugment."""
+    """The two pretraining views of one image; ``mim_aligned_views`` shares one crop, flip and RandAugment."""
 
     def __init__(
         self,
@@ -128,8 +124,7 @@ class PretrainViews:
 
     def __call__(self, img: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.aligned:
-            # Order matters for RNG parity with the original: tokenizer view first.
-            image_for_tokenization = self.tokenizer_transform(img)
+            image_for_tokenization = self.tokenizer_transform(img)  # first, for RNG parity with the original
             image = self.image_transform(img)
             return image, image_for_tokenization
         return self._aligned_views(img)

@@ -25,8 +25,7 @@ VE_LABELS = {"entailment": 2, "neutral": 1, "contradiction": 0}
 
 
 class VeDataset(Dataset):
-    """``(image, sentence, label)`` from ``{"image": id, "sentence", "label"}``; image ``image_root/<id>.jpg``,
-    labels entailment 2, neutral 1, contradiction 0. Unreadable: ``None`` if ``skip_unreadable``, else raise."""
+    """``(image, sentence, label)``, image ``image_root/<id>.jpg``; unreadable: ``None`` or raise."""
 
     def __init__(self, ann_file: str | Sequence[str], transform: Callable[[Any], torch.Tensor], image_root: str,
                  max_words: int = 30, config_key: str = "train_file",

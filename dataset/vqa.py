@@ -1,5 +1,4 @@
-"""VQA v2 and Visual Genome QA datasets (``create_dataset("vqa", config)``).
-Unreadable images: ``None`` in training, else raise."""
+"""VQA v2 and Visual Genome QA datasets (``create_dataset("vqa", config)``)."""
 
 from __future__ import annotations
 

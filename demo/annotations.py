@@ -24,7 +24,6 @@ from demo.shapes import (
 
 
 def _article(word: str) -> str:
-    """Indefinite article for ``word``."""
     return "an" if word[0] in "aeiou" else "a"
 
 
@@ -71,14 +70,12 @@ def _raw(text: str) -> str:
 
 
 def _present(scene: Scene, color: str | None = None, shape: str | None = None) -> bool:
-    """Whether the scene has a shape matching the given colour and/or shape name."""
     return any(
         (color is None or s.color == color) and (shape is None or s.shape == shape) for s in scene.shapes
     )
 
 
 def _absent_combo(scene: Scene, rng: random.Random) -> tuple[str, str]:
-    """A (colour, shape) pair that is not in the scene."""
     while True:
         color, shape = rng.choice(list(COLORS)), rng.choice(SHAPES)
         if not _present(scene, color, shape):

@@ -1,5 +1,4 @@
-"""Built-in demo data: synthetic coloured shapes for every task script, pretraining set also as shards.
-    python -m demo.data --out_dir demo_data --seed 0 [--num_train 256 --num_test 64 --image_size 64]"""
+"""Built-in demo data: synthetic coloured shapes for every task script, pretraining set also as shards."""
 
 from __future__ import annotations
 
@@ -26,7 +25,6 @@ from demo.shapes import ANSWER_LIST, Scene, build_demo_vocab, make_scenes, rando
 
 FORMAT_VERSION = 2
 
-#: Samples per shard of the pretraining shards (the last shard holds the rest).
 SAMPLES_PER_SHARD = 100
 
 DEFAULT_NUM_TRAIN = 256
@@ -78,7 +76,6 @@ def demo_paths(out_dir: str | Path) -> dict[str, str]:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    """Write compact JSON, creating parent folders."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj), encoding="utf-8")
 
@@ -172,7 +169,6 @@ def generate_demo_data(
         caption = texts if index % 2 == 0 else rng.choice(texts)
         pretrain.append({"image": str(root / scene.rel_path), "caption": caption})
     write_json("pretrain", pretrain)
-    # the same pretraining set as webdataset shards (configs/Pretrain_demo_shards.yaml)
     shards_dir = Path(paths["pretrain_shards"])
     if shards_dir.is_dir():
         shutil.rmtree(shards_dir)
@@ -216,7 +212,6 @@ def generate_demo_data(
     refs_path.write_bytes(pickle.dumps(grounding["refs"], protocol=4))
     written.append(refs_path)
 
-    # a small randomly initialised d-VAE encoder in the official encoder.pkl format (MIM targets)
     from models.dvae import DalleVAE
 
     DalleVAE.random(n_hid=64, n_blk_per_group=1, seed=seed).save(paths["dvae"])
@@ -228,7 +223,6 @@ def generate_demo_data(
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, str]:
-    """Command-line entry point."""
     parser = argparse.ArgumentParser(description="Generate the synthetic shapes demo dataset.")
     parser.add_argument("--out_dir", default="demo_data")
     parser.add_argument("--seed", type=int, default=0)

@@ -54,7 +54,6 @@ POSITION_PHRASES: dict[str, tuple[str, ...]] = {
     "bottom": ("at the bottom", "near the bottom"),
 }
 NUMBER_WORDS: tuple[str, ...] = ("zero", "one", "two", "three")
-#: Answers annotators may give instead of the canonical one.
 ANSWER_SYNONYMS: dict[str, str] = {
     "0": "zero",
     "1": "one",
@@ -64,7 +63,6 @@ ANSWER_SYNONYMS: dict[str, str] = {
     "large": "big",
     "small": "little",
 }
-#: Every candidate answer of the VQA task, in answer-list order.
 ANSWER_LIST: tuple[str, ...] = (
     ("yes", "no")
     + tuple(COLORS)
@@ -116,7 +114,6 @@ class Scene:
 
     @property
     def rel_path(self) -> str:
-        """Image path relative to the dataset root."""
         return f"images/{self.split}/{self.name}.png"
 
 

@@ -1,6 +1,4 @@
-"""Run the README's demo chain and print what each task demo reached, as the README's table.
-    python -m demo.task_demos [--out_dir output] [--rows retrieval vqa ...] [--threads 1] [--json table.json]
-"""
+"""Run the README's demo chain and print what each task demo reached, as the README's table."""
 
 from __future__ import annotations
 
@@ -61,7 +59,6 @@ NLVR = Run("nlvr_demo", "NLVR.py", "configs/NLVR_demo.yaml", "nlvr_pretrain_demo
 VE = Run("ve_demo", "VE.py", "configs/VE_demo.yaml", "pretrain_demo/checkpoint_07.pth", needs=("pretrain_demo",))
 GROUNDING = Run("grounding_demo", "Grounding.py", "configs/Grounding_demo.yaml", "pretrain_demo/checkpoint_07.pth",
                 ("--block_num", "2"), needs=("pretrain_demo",))
-#: the README's order
 TRAINED_RUNS = (PRETRAIN, RETRIEVAL, ZERO_SHOT, VQA, NLVR_PRETRAIN, NLVR, VE, GROUNDING)
 
 
@@ -75,7 +72,6 @@ def read_log(folder: Path) -> list[dict[str, Any]]:
 
 
 def last_with(folder: Path, key: str) -> dict[str, Any]:
-    """The last ``log.txt`` entry of ``folder`` that holds ``key``."""
     entries = [entry for entry in read_log(folder) if key in entry]
     if not entries:
         raise KeyError(f"{folder / 'log.txt'}: no entry with {key!r}")

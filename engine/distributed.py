@@ -33,7 +33,6 @@ def _env_int(name: str) -> int | None:
     return int(value) if value not in (None, "") else None
 
 
-# Default collective/rendezvous timeout in seconds (that of --dist_timeout).
 DEFAULT_DIST_TIMEOUT_S = 1800.0
 
 # NCCL watchdog error-handling variables (current and older spelling).
@@ -54,8 +53,7 @@ def dist_timeout(args: Any) -> datetime.timedelta:
 
 
 def enable_nccl_error_handling() -> None:
-    """Make the NCCL watchdog abort the process when a collective fails or times out (mode 3);
-    a user's setting is kept. Must run before the NCCL group is created."""
+    """Make the NCCL watchdog abort on a failed collective (unless set by the user); call before init."""
     for name in _NCCL_ERROR_HANDLING_VARS:
         value = os.environ.get(name, "").strip()
         if value == "":

@@ -79,12 +79,10 @@ class SmoothedValue:
 
     @property
     def max(self) -> float:
-        """Largest value in the window."""
         return max(self.deque) if self.deque else float("nan")
 
     @property
     def value(self) -> float:
-        """Most recent value."""
         return self.deque[-1] if self.deque else float("nan")
 
     def __str__(self) -> str:
@@ -138,7 +136,6 @@ class MetricLogger:
         )
 
     def synchronize_between_processes(self) -> None:
-        """Synchronise every meter's count and total across processes."""
         for meter in self.meters.values():
             meter.synchronize_between_processes()
 

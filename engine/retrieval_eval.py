@@ -1,5 +1,4 @@
-"""Image-text retrieval evaluation: ITC candidates, ITM re-ranking, recall metrics.
-The original's score matrices, computed faster; :func:`per_query_scores` keeps the original procedure."""
+"""Image-text retrieval evaluation: ITC candidates, ITM re-ranking (the original's scores, faster), recall."""
 
 from __future__ import annotations
 
@@ -19,7 +18,6 @@ from utils import concat_all_gather, get_rank, get_world_size
 
 #: Texts per tokenizer call (the original's chunk of 256) and at most per text-encoder pass.
 TEXT_CHUNK = 256
-#: Token length of evaluation texts (padded / truncated).
 EVAL_TEXT_LENGTH = 30
 DEFAULT_PAIR_BATCH = 256
 #: On CPU a fusion pass also holds at most about this many padded text tokens (larger passes run slower).

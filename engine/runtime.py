@@ -90,8 +90,7 @@ def prepare_output_dir(path: str) -> None:
 
 
 def setup_run(args: argparse.Namespace, task: str, extra_config: dict[str, Any] | None = None) -> RunContext:
-    """Load and validate the config, check ``--checkpoint``, write ``output_dir/config.yaml``, init
-    distributed mode, pick the device and seed with ``seed + rank`` (before any data is read)."""
+    """Config, ``--checkpoint`` check, ``config.yaml``, distributed init, device, ``seed + rank`` seeding."""
     config = load_config(args.config, args.overrides, task=task)
     checkpoint = getattr(args, "checkpoint", "")
     if checkpoint and not os.path.isfile(checkpoint):
@@ -154,10 +153,7 @@ def _exit_status(exc: BaseException) -> int:
 
 
 def exit_after_failure(rank: int, exc: BaseException) -> NoReturn:
-    """Report rank ``rank``'s failure on stderr and ``os._exit`` now.
-
-    The process group is not destroyed: that may wait for a collective the peers never complete.
-    """
+    """Report ``rank``'s failure and ``os._exit`` now; destroying the group could wait on dead peers."""
     lines = [f"rank {rank} failed: {type(exc).__name__}: {exc}\n",
              *traceback.format_exception(type(exc), exc, exc.__traceback__)]
     try:
@@ -169,8 +165,7 @@ def exit_after_failure(rank: int, exc: BaseException) -> NoReturn:
 
 
 def run_entry(main: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> None:
-    """Run ``main(args)``; in a multi-process run a failure prints ``rank R failed: <error>`` and exits
-    at once (status 1, 130 for Ctrl-C) so no process is left blocked in a collective."""
+    """Run ``main(args)``; in a multi-process run a failure prints ``rank R failed`` and exits at once."""
     try:
         main(args)
     except BaseException as exc:

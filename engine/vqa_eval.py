@@ -1,5 +1,4 @@
-"""VQA result files and the standard VQA accuracy (mean over the 10 leave-one-out annotator subsets).
-Unlike the official script, the prediction and every annotator answer are always normalised."""
+"""VQA result files and the standard VQA accuracy (mean over the 10 leave-one-out annotator subsets)."""
 
 from __future__ import annotations
 
@@ -72,7 +71,7 @@ def _process_digits_and_articles(text: str) -> str:
 
 
 def normalize_answer(answer: str) -> str:
-    """The standard VQA answer normalisation (see the module docstring)."""
+    """The standard VQA normalisation, applied (unlike the official script) to every annotator answer too."""
     text = answer.replace("\n", " ").replace("\t", " ").strip()
     return _process_digits_and_articles(_process_punctuation(text))
 

@@ -1,9 +1,4 @@
-"""The one attention function shared by the ViT and BERT blocks.
-
-Fused ``scaled_dot_product_attention`` unless the probabilities or dropout (without ``--fused_dropout``)
-are needed; then the softmax is written out and dropout + value product is
-:func:`models.lean_autograd.dropout_matmul`.
-"""
+"""The one attention function of the ViT and BERT blocks: fused SDPA, else an explicit softmax."""
 
 from __future__ import annotations
 

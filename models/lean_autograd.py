@@ -1,5 +1,4 @@
-"""Autograd operations that keep less for backward and compute the very same numbers.
-Outputs, gradients and generator state are bitwise the plain code's; CPU tensors in eager mode only."""
+"""Autograd operations that keep less for backward and compute bitwise the same numbers (CPU, eager)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""BERT WordPiece tokenizer with the original SIMLA convention for single sequences:
-``[CLS]`` + word pieces, no trailing ``[SEP]``; pairs keep ``[CLS] A [SEP] B [SEP]``."""
+"""BERT WordPiece tokenizer; as in the original, single sequences get ``[CLS]`` but no trailing ``[SEP]``."""
 
 from __future__ import annotations
 

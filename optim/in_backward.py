@@ -1,5 +1,4 @@
-"""Optimizer updates applied during the backward pass, so that gradients never all exist at once.
-Incompatible with DDP, fp16 loss scaling, gradient clipping/accumulation."""
+"""Optimizer updates during backward, so gradients never all exist at once (no DDP, fp16, clipping)."""
 
 from __future__ import annotations
 
@@ -74,7 +73,6 @@ class StepInBackward:
             self._pending_bytes = 0
 
     def remove(self) -> None:
-        """Detach the hooks from the parameters."""
         for handle in self._handles:
             handle.remove()
         self._handles = []

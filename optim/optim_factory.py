@@ -1,5 +1,4 @@
-"""Optimizer factory driven by the ``optimizer:`` section of a SIMLA config.
-Parameter groups as the original; ``adam``/``adamw`` fused where possible (``opt_args: {fused: false}``)."""
+"""Optimizer factory for the ``optimizer:`` config section; ``adam``/``adamw`` fused where possible."""
 
 from __future__ import annotations
 
@@ -47,7 +46,6 @@ _OPTIMIZERS: dict[str, tuple[str, dict[str, Any]]] = {
 
 OPTIMIZER_NAMES: tuple[str, ...] = tuple(_OPTIMIZERS)
 
-#: Names whose torch optimizer has a fused step kernel, and the devices it runs on.
 _FUSED_NAMES = ("adam", "adamw")
 _FUSED_DEVICES = ("cpu", "cuda")
 

@@ -38,8 +38,7 @@ def _noise_range(lr_noise: Any, num_epochs: int) -> float | list[float] | None:
 def create_scheduler(
     sched_config: Mapping[str, Any] | Any, optimizer: torch.optim.Optimizer
 ) -> tuple[Scheduler, int]:
-    """Build the LR scheduler described by a ``schedular:`` config section (as the original);
-    returns ``(scheduler, num_epochs)``, the peak LR being the optimizer's."""
+    """The LR scheduler of a ``schedular:`` config section (peak LR: the optimizer's), and its epochs."""
     sched = str(section_values(sched_config, "schedular")["sched"]).lower()
     if sched not in SCHEDULER_NAMES:
         raise ValueError(f"Unknown scheduler sched={sched!r}; valid choices: {', '.join(SCHEDULER_NAMES)}")

@@ -1,5 +1,4 @@
-"""The LR schedulers the original accepts (``cosine``, ``tanh``, ``step``, ``plateau``) over timm 1.x's.
-``state_dict()`` writes the original's keys and order; ``load_state_dict()`` also reads timm 1.x's."""
+"""The original's LR schedulers (``cosine``, ``tanh``, ``step``, ``plateau``) over timm 1.x's."""
 
 from __future__ import annotations
 
@@ -44,7 +43,6 @@ class OriginalStateMixin(OriginalNoiseMixin):
     state_keys: ClassVar[tuple[str, ...]] = BASE_STATE_KEYS
 
     def state_dict(self) -> dict[str, Any]:
-        """The scheduler state with the original key names and order."""
         return {key: copy.copy(getattr(self, key)) for key in self.state_keys}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -70,8 +68,7 @@ def _alias(name: str, doc: str) -> property:
 
 
 class CycleMixin(OriginalStateMixin):
-    """Warm-up, cycles ``lr = lr_min*g + 0.5*(base*g - lr_min*g) * shape(t_c, T)``, ``g = decay_rate**i``,
-    then :meth:`floor` after ``cycle_limit`` (> 0) cycles; timm 1.x does not scale ``lr_min`` by ``g``."""
+    """Warm-up, then cycles; unlike timm 1.x, ``lr_min`` decays with ``decay_rate**cycle`` too."""
 
     cycle_mul: float
     cycle_decay: float

@@ -82,7 +82,6 @@ def _listing(title: str, items: Sequence[str], limit: int = 20) -> str:
 
 
 def describe_mismatch(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], path: str) -> str:
-    """A readable list of missing, unexpected and wrongly shaped keys."""
     diff = key_differences(model, state_dict)
     lines = [f"checkpoint {path} does not fit the model:"]
     for title, items in (("missing keys", diff.missing), ("unexpected keys", diff.unexpected),

@@ -56,7 +56,6 @@ def save_checkpoint(obj: Any, path: str | os.PathLike[str], verify: bool = True)
 
 
 def save_on_master(obj: Any, path: str | os.PathLike[str]) -> None:
-    """:func:`save_checkpoint` on global rank 0 only."""
     if is_main_process():
         save_checkpoint(obj, path)
 
@@ -121,7 +120,6 @@ def omegaconf_safe_globals() -> list[tuple[Any, str]]:
 
 
 def _omegaconf_to_plain(node: Any) -> Any:
-    """Convert one stand-in (and everything below it) to plain Python values."""
     if isinstance(node, _ValueNodeStub):
         return _omegaconf_to_plain(node.__dict__.get("_val"))
     if isinstance(node, (_DictConfigStub, _ListConfigStub)):
@@ -282,8 +280,7 @@ def _unpickler_reason(message: str) -> str:
 
 
 def load_checkpoint(path: str | os.PathLike[str], trust: bool = False) -> Any:
-    """Load a checkpoint on the CPU without running pickled code (unless ``trust`` is set); raises
-    ``FileNotFoundError``, :class:`UnsafeCheckpointError` or ``RuntimeError`` (truncated/corrupt)."""
+    """Load a checkpoint on the CPU, running no pickled code unless ``trust``; damage: ``RuntimeError``."""
     file = os.fspath(path)
     if not os.path.isfile(file):
         raise FileNotFoundError(2, "checkpoint file not found", file)

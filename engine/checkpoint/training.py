@@ -1,5 +1,4 @@
-"""Checkpoints that continue a run exactly: training state, random generators and data position.
-Original keys plus ``next_step``, ``rng_states``, ``sampler``, ``scaler``; saving is collective, atomic."""
+"""Checkpoints that continue a run exactly: training state, random generators and data position."""
 
 from __future__ import annotations
 
@@ -41,7 +40,6 @@ def capture_rng_state() -> dict[str, Any]:
 
 
 def restore_rng_state(state: Mapping[str, Any]) -> None:
-    """Inverse of :func:`capture_rng_state`."""
     version, internal, gauss = state["python"]
     random.setstate((int(version), tuple(int(v) for v in internal), gauss))
     name, keys, pos, has_gauss, cached = state["numpy"]

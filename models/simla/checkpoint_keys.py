@@ -40,8 +40,7 @@ def strip_bert_prefix(state_dict: Mapping[str, V]) -> dict[str, V]:
 
 @dataclass
 class FilteredState:
-    """A checkpoint's ``model`` state mapped onto a model, and how it may differ from the model:
-    ``missing``/``unexpected`` glob patterns (``*`` spans dots), ``renamed`` ``{new: old}``."""
+    """A checkpoint's state mapped onto a model, allowed ``missing``/``unexpected`` globs, ``renamed``."""
 
     state_dict: dict[str, Any]
     source: str

@@ -53,7 +53,6 @@ class DistilledClassifier(MomentumMixin, nn.Module):
 
     def classify(self, image: torch.Tensor, text: Any, targets: torch.Tensor | None, momentum: bool
                  ) -> torch.Tensor:
-        """Logits of the online (or momentum) model."""
         raise NotImplementedError
 
     def encoders(self, momentum: bool) -> tuple[nn.Module, BertModel, nn.Module]:

@@ -71,8 +71,7 @@ def two_image_states(image_embeds: torch.Tensor, batch: int) -> tuple[list[torch
 
 
 class SIMLANLVR(DistilledClassifier):
-    """NLVR2 classifier: ``forward(image, text, targets, alpha, train)`` with ``image`` ``(2B, 3, H, W)``,
-    the B first images then the B second images; logits ``(B, 2)``."""
+    """NLVR2 classifier; ``image`` ``(2B, 3, H, W)``: the B first images, then the B second ones."""
 
     def __init__(self, text_encoder: str | None = None, tokenizer: Any = None,
                  config: Mapping[str, Any] | None = None) -> None:
@@ -109,6 +108,5 @@ def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: SIMLANLV
 
 
 def build_for_manifest(config: Mapping[str, Any], vocab_size: int) -> SIMLANLVR:
-    """The model as the original builds it for a state-dict manifest (no pretrained weights)."""
     del vocab_size  # the BERT config fixes the vocabulary
     return SIMLANLVR(config=dict(config, from_scratch=True))

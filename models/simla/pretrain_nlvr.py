@@ -18,7 +18,6 @@ from models.vit import vit_from_config
 
 PAIRING_TEMPERATURE = 0.07  # a constant in the original, not the ``temp`` parameter
 
-#: ``Pretrain_NLVR.py`` from a pretraining checkpoint: entries the checkpoint may lack.
 PRETRAIN_CHECKPOINT_MISSING: tuple[str, ...] = ("ta_head.*",
                                                 "text_encoder.embeddings.token_type_embeddings.*")
 
@@ -86,7 +85,6 @@ class SIMLANLVRPretrain(nn.Module):
         return weights
 
     def sample_pairs(self, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The random pairing of this step (see :func:`pair_images`)."""
         return pair_images(weights)
 
     def forward(self, image: torch.Tensor, text: Any, return_intermediates: bool = False):
@@ -152,6 +150,5 @@ def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: SIMLANLV
 
 
 def build_for_manifest(config: Mapping[str, Any], vocab_size: int) -> SIMLANLVRPretrain:
-    """The model as the original builds it for a state-dict manifest (no pretrained weights)."""
     del vocab_size  # the BERT config fixes the vocabulary
     return SIMLANLVRPretrain(config=dict(config, from_scratch=True))

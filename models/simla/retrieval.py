@@ -1,5 +1,4 @@
-"""SIMLA image-text retrieval model: ITA with image-id aware targets and queues, ITM with hard negatives.
-``enqueue_idx: true`` writes image ids into ``idx_queue`` (ALBEF); the original never does."""
+"""SIMLA image-text retrieval model: ITA with image-id aware targets and queues, ITM with hard negatives."""
 
 from __future__ import annotations
 
@@ -19,8 +18,7 @@ from models.simla.pretrain import mask_tokens
 from models.vit import DEIT_BASE_URL, load_deit_weights, vit_from_config
 
 PAD_ID, CLS_ID, MASK_ID = 0, 101, 103
-# id of the queue columns that hold no image id (the original fills idx_queue with it)
-NO_IMAGE_ID = -100
+NO_IMAGE_ID = -100  # queue columns without an image id (the original fills idx_queue with it)
 
 
 class SIMLARetrieval(MomentumMixin, nn.Module):
@@ -197,6 +195,5 @@ def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: SIMLARet
 
 
 def build_for_manifest(config: Mapping[str, Any], vocab_size: int) -> SIMLARetrieval:
-    """The model as the original builds it for a state-dict manifest (no pretrained weights)."""
     del vocab_size  # the retrieval model has no vocabulary-sized head
     return SIMLARetrieval(config=dict(config, from_scratch=True))

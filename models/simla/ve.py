@@ -14,7 +14,6 @@ from models.simla.classifier import DistilledClassifier
 
 VE_LABELS = {"entailment": 2, "neutral": 1, "contradiction": 0}
 
-#: ``VE.py`` from a pretraining checkpoint: entries it may lack (the classifier heads).
 PRETRAIN_CHECKPOINT_MISSING: tuple[str, ...] = ("cls_head.*", "cls_head_m.*")
 
 
@@ -55,6 +54,5 @@ def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: SIMLA, o
 
 
 def build_for_manifest(config: Mapping[str, Any], vocab_size: int) -> SIMLAVE:
-    """The model as the original builds it for a state-dict manifest."""
     del vocab_size  # the BERT config fixes the vocabulary
     return SIMLAVE(config=dict(config))

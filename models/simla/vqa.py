@@ -1,5 +1,4 @@
-"""SIMLA visual question answering: a fused question encoder and a causal answer decoder.
-``vqa_distill_alpha``: false (default) skips distillation, which the original multiplies by 0."""
+"""SIMLA visual question answering: a fused question encoder and a causal answer decoder."""
 
 from __future__ import annotations
 
@@ -21,7 +20,6 @@ from models.vit import vit_from_config
 PAD_ID = 0
 DEFAULT_DECODER_DEPTH = 6
 
-#: ``VQA.py`` from a pretraining checkpoint: entries the checkpoint may lack (none).
 PRETRAIN_CHECKPOINT_MISSING: tuple[str, ...] = ()
 
 
@@ -215,6 +213,5 @@ def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: SIMLAVQA
 
 
 def build_for_manifest(config: Mapping[str, Any], vocab_size: int) -> SIMLAVQA:
-    """The model as the original builds it for a state-dict manifest (no pretrained weights)."""
     tokenizer = SimpleNamespace(vocab_size=vocab_size, pad_token_id=PAD_ID)
     return SIMLAVQA(tokenizer=tokenizer, config=dict(config, from_scratch=True))
