@@ -1,11 +1,13 @@
-"""Using a trained model: :func:`load`, score, search, rank, Grad-CAM, answer; :func:`export`."""
+"""Using a trained model: :func:`load`, score, search, rank, Grad-CAM, answer; :func:`export`;
+:func:`run_command` (the subcommands of ``Predict.py``)."""
 
 from __future__ import annotations
 
+import argparse
 import functools
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +21,7 @@ from dataset.transforms import build_transforms
 from dataset.vqa import TEST_MAX_QUESTION_WORDS, load_answer_list
 from engine.checkpoint import load_filtered_state, prepare_state, read_checkpoint
 from engine.grounding_eval import box_score, grounding_maps, select_box, upsample_map
+from engine.pictures import contact_sheet, heat_map_picture
 from engine.retrieval_eval import (
     RetrievalFeatures,
     encode_images,
@@ -233,14 +236,14 @@ class VQAPredictor(_ModelInputs):
         return [(answers[int(topk_ids[0, i])], float(topk_probs[0, i])) for i in order]
 
 
-def _config_of(checkpoint: dict[str, Any], config: str | os.PathLike | dict[str, Any] | None, task: str
-               ) -> dict[str, Any]:
+def _given_config(checkpoint: dict[str, Any], config: str | os.PathLike | dict[str, Any] | None) -> dict[str, Any]:
+    """``config`` (a dict or a YAML file), else the config saved in ``checkpoint``."""
     if isinstance(config, dict):
-        return dict(with_defaults(config, task))
+        return dict(config)
     if config is not None:
-        return dict(with_defaults(load_config(str(config)), task))
+        return load_config(str(config))
     if isinstance(checkpoint.get("config"), dict):
-        return dict(with_defaults(checkpoint["config"], task))
+        return dict(checkpoint["config"])
     raise ValueError("the checkpoint holds no config: pass config= (the YAML file it was trained with)")
 
 
@@ -255,14 +258,7 @@ def export(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
     from safetensors.torch import save_file
 
     state = read_checkpoint(str(checkpoint), trust=trust)
-    if isinstance(config, dict):
-        written = dict(config)
-    elif config is not None:
-        written = load_config(str(config))
-    elif isinstance(state.get("config"), dict):
-        written = dict(state["config"])
-    else:
-        raise ValueError("the checkpoint holds no config: pass config= (the YAML file it was trained with)")
+    written = _given_config(state, config)
     os.makedirs(out_dir, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state["model"].items()
                if isinstance(v, torch.Tensor)}
@@ -295,7 +291,7 @@ def load(checkpoint: str | os.PathLike, config: str | os.PathLike | dict[str, An
         state = _read_exported(path)
     else:
         state = read_checkpoint(path, trust=trust)
-    config = _config_of(state, config, task)
+    config = dict(with_defaults(_given_config(state, config), task))
     tokenizer = build_tokenizer(text_encoder)
     device = torch.device(device)
     if task == "vqa":
@@ -306,3 +302,84 @@ def load(checkpoint: str | os.PathLike, config: str | os.PathLike | dict[str, An
     model = SIMLA(config=config, text_encoder=text_encoder, tokenizer=tokenizer)
     load_filtered_state(model, prepare_state(state["model"], model, checkpoint_filter_fn), path, "Retrieval.py")
     return Predictor(model.to(device), tokenizer, config, device, amp)
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+#: What a ``Predict.py`` subcommand returns: its results and, where it draws one, its picture (drawn on demand).
+Outcome = tuple[dict[str, Any], Callable[[], Image.Image] | None]
+
+
+def image_files(folder: str) -> list[str]:
+    """The image files under ``folder``, sorted."""
+    found = []
+    for root, _dirs, files in os.walk(folder):
+        found.extend(os.path.join(root, f) for f in files if f.lower().endswith(IMAGE_SUFFIXES))
+    return sorted(found)
+
+
+def _search(predictor: Predictor, args: argparse.Namespace) -> Outcome:
+    files = image_files(args.images)
+    if not files:
+        raise SystemExit(f"no images found under {args.images}")
+    results = predictor.search(args.query, files, k=args.k, cache=args.cache)
+    rows = [{"rank": n + 1, "image": files[r.index], "itm": r.itm, "itc": r.itc} for n, r in enumerate(results)]
+    for row in rows:
+        print(f"{row['rank']:3d}  itm {row['itm']:8.4f}  itc {row['itc']:7.4f}  {row['image']}")
+    return {"query": args.query, "results": rows}, lambda: contact_sheet(
+        [read_rgb(row["image"]) for row in rows], [f"#{row['rank']} itm {row['itm']:.3f}" for row in rows],
+        title=args.query)
+
+
+def _score(predictor: Predictor, args: argparse.Namespace) -> Outcome:
+    sims = predictor.similarity([args.image], args.text, rerank=True)
+    rows = [{"text": text, "itc": float(sims.itc[0, t]), "itm": float(sims.itm[0, t])}
+            for t, text in enumerate(args.text)]
+    for row in rows:
+        print(f"itc {row['itc']:7.4f}  itm {row['itm']:.4f}  {row['text']}")
+    return {"image": args.image, "results": rows}, None
+
+
+def _ground(predictor: Predictor, args: argparse.Namespace) -> Outcome:
+    result = predictor.ground(args.image, args.text, block_num=args.block_num, mode=args.gradcam_mode)
+    grid = result.map.tolist()
+    peak = list(divmod(int(result.map.argmax()), result.map.shape[1]))
+    print(f"Grad-CAM ({args.gradcam_mode}, block {args.block_num}) on the {len(grid)}x{len(grid[0])} patch grid, "
+          f"peak at row {peak[0]} column {peak[1]}:")
+    for row in grid:
+        print("  " + " ".join(f"{v:.3e}" for v in row))
+    data = {"image": args.image, "text": args.text, "block_num": args.block_num, "mode": args.gradcam_mode,
+            "map": grid, "peak": peak}
+    return data, lambda: heat_map_picture(read_rgb(args.image), result.heat.numpy(), args.text)
+
+
+def _answer(predictor: VQAPredictor, args: argparse.Namespace) -> Outcome:
+    answers = load_answer_list(args.answer_list) if args.answer_list else None
+    ranked = predictor.answer(args.image, args.question, answers)
+    rows = [{"rank": n + 1, "answer": answer, "probability": prob} for n, (answer, prob) in enumerate(ranked)]
+    for row in rows:
+        print(f"{row['rank']:3d}  {row['probability']:.4f}  {row['answer']}")
+    return {"image": args.image, "question": args.question, "results": rows}, None
+
+
+def run_command(args: argparse.Namespace) -> dict[str, Any] | str:
+    """Run a ``Predict.py`` subcommand: print its results and, with ``--out``, write ``<command>.json`` (and its
+    picture, ``<command>.png``); return the results or, for ``export``, the folder."""
+    if args.command == "export":
+        if not args.out:
+            raise SystemExit("export needs --out DIR")
+        out = export(args.checkpoint, args.out, config=args.config, trust=args.trust_checkpoint)
+        print(f"wrote {os.path.join(out, WEIGHTS_FILE)} and {os.path.join(out, CONFIG_FILE)}")
+        return out
+    predictor = load(args.checkpoint, config=args.config, text_encoder=args.text_encoder, device=args.device,
+                     task="vqa" if args.command == "answer" else "retrieval", trust=args.trust_checkpoint,
+                     amp=args.amp)
+    commands = {"search": _search, "score": _score, "ground": _ground, "answer": _answer}
+    data, picture = commands[args.command](predictor, args)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        if picture is not None:
+            picture().save(os.path.join(args.out, f"{args.command}.png"))
+        with open(os.path.join(args.out, f"{args.command}.json"), "w", encoding="utf-8") as handle:
+            json.dump(data, handle, indent=2)
+    return data

@@ -142,7 +142,7 @@ def test_predict_cli_search_score_and_export(demo, tmp_path, capsys):
     out = tmp_path / "out"
     data = Predict.main(["search", "--checkpoint", str(demo["path"]), "--text_encoder", DEMO_VOCAB,
                          "--images", str(folder), "--query", query, "-k", "2", "--out", str(out)])
-    expected = demo["predictor"].search(query, Predict.image_files(str(folder)), k=2)
+    expected = demo["predictor"].search(query, inference.image_files(str(folder)), k=2)
     assert [row["itm"] for row in data["results"]] == [r.itm for r in expected]
     assert json.loads((out / "search.json").read_text()) == data
     with Image.open(out / "search.png") as sheet:
