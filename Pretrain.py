@@ -31,23 +31,22 @@ LOSS_NAMES = ("loss_mlm", "loss_ita", "loss_itm", "loss_mim", "loss_pseudo")
 
 def make_step(model: torch.nn.Module, tokenizer: Any, dvae: DalleVAE, config: dict, device: torch.device,
               epoch: int):
-    """The pretraining iteration: tokenize, d-VAE codes of the masked patches, five losses."""
+    """The pretraining iteration: tokenize, d-VAE codes of the patches, five losses."""
     alpha_max = float(config["alpha"])
+    padding = "max_length" if config["pad_captions_to_max"] else "longest"
 
     def step(batch, i: int, num_batches: int) -> dict[str, torch.Tensor]:
         image, caption, image_for_tokenization, masked_positions = batch
         image = image.to(device, non_blocking=True)
         image_for_tokenization = image_for_tokenization.to(device, non_blocking=True)
-        text = tokenizer(list(caption), padding="longest", truncation=True, max_length=25,
-                         return_tensors="pt").to(device)
+        text = tokenizer(list(caption), padding=padding, truncation=True, max_length=25,
+                         return_tensors="pt").to(device, non_blocking=True)
         alpha = alpha_max if epoch > 0 else alpha_max * min(1.0, i / num_batches)
         with torch.no_grad():
             visual_token_ids = dvae.get_codebook_indices(image_for_tokenization).flatten(1)
-            masked_pos = masked_positions.to(device).flatten(1).bool()
-            labels = visual_token_ids[masked_pos]
+            masked_pos = masked_positions.to(device, non_blocking=True).flatten(1).bool()
         loss_mlm, loss_ita, loss_itm, loss_mim, loss_pseudo = model(
-            image, text, visual_token_ids=visual_token_ids, masked_visual_token_pos=masked_pos,
-            masked_visual_tok_labels=labels, alpha=alpha)
+            image, text, visual_token_ids=visual_token_ids, masked_visual_token_pos=masked_pos, alpha=alpha)
         return dict(zip(LOSS_NAMES, (loss_mlm, loss_ita, loss_itm, loss_mim, loss_pseudo)))
 
     return step

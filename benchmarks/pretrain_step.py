@@ -116,13 +116,11 @@ def main(argv: list[str] | None = None) -> dict:
     generator = torch.Generator().manual_seed(0)
     batch = make_batch(preset, batch_size, device, generator)
     image, text, codes, masked = batch
-    labels = codes[masked]
 
     def step() -> float:
         optimizer.zero_grad(set_to_none=True)
         with autocast(device, args.amp):
-            losses = forward(image, text, visual_token_ids=codes, masked_visual_token_pos=masked,
-                             masked_visual_tok_labels=labels, alpha=0.4)
+            losses = forward(image, text, visual_token_ids=codes, masked_visual_token_pos=masked, alpha=0.4)
         total = sum(losses)
         if stepper is not None:
             with stepper.active():

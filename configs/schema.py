@@ -188,7 +188,8 @@ KEY_TYPES: dict[str, ValueType] = {
         ("vit_mask_token", "grad_checkpointing", "randaugment_clip_sharpness",
          "randaugment_fix_autocontrast", "from_scratch", "disable_wandb", "mim_aligned_views", "distill",
          "warm_up", "eval_ema", "freeze_visual_encoder", "enqueue_idx", "grounding_skip_empty_fix",
-         "vqa_distill_alpha", "copy_momentum_after_load", "mlm_empty_mask_nan", "shard_index_cache"),
+         "vqa_distill_alpha", "copy_momentum_after_load", "mlm_empty_mask_nan", "shard_index_cache",
+         "pad_captions_to_max"),
         BOOL,
     ),
     **dict.fromkeys(_SECTIONS, MAPPING),
@@ -208,6 +209,8 @@ TASK_SCHEMAS: dict[str, TaskSchema] = {
             "mask_min_aspect": 0.3, "mask_max_aspect": None,
             # a batch with no masked token: zero MLM loss (true: the original's NaN)
             "mlm_empty_mask_nan": False,
+            # captions padded to the 25-token maximum, not the batch's longest: one shape for compiled code
+            "pad_captions_to_max": False,
             # webdataset shards in train_file (dataset/shards.py): the caption is the .txt member, or this
             # key of the .json member; shard indexes are cached beside the shards when writable
             "shard_caption_key": None, "shard_index_cache": True,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,9 +62,27 @@ def _job_total(count: int | torch.Tensor, device: torch.device) -> int:
     return int(total.item())
 
 
-def _all_finite(values: Mapping[str, float], device: torch.device) -> bool:
-    """Whether every process's losses are finite (all processes must agree before skipping a step)."""
-    return _everyone(all(math.isfinite(v) for v in values.values()), device)
+def _read_losses(pending: list[tuple[int, float, Mapping[str, torch.Tensor]]], logger: MetricLogger
+                 ) -> list[tuple[int, str]]:
+    """Read the pending steps' losses to the host in one transfer and log the steps finite on every process;
+    returns ``(iteration, losses)`` of the others (a collective call when distributed)."""
+    if not pending:
+        return []
+    rows = [torch.stack(list(losses.values())).reshape(-1).double() for _, _, losses in pending]
+    finite = torch.stack([row.isfinite().all() for row in rows]).double()
+    if is_dist_avail_and_initialized():
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    flat = torch.cat([finite, *rows]).tolist()
+    values = iter(flat[len(pending):])
+    nonfinite = []
+    for (i, lr, losses), ok in zip(pending, flat):
+        read = {name: next(values) for name in losses}
+        if ok:
+            logger.update(lr=lr, **read)
+        else:
+            nonfinite.append((i, ", ".join(f"{k}={v}" for k, v in read.items())))
+    pending.clear()
+    return nonfinite
 
 
 def _optimizer_stepper(optimizer: torch.optim.Optimizer, settings: EpochSettings,
@@ -91,12 +108,24 @@ def _buffers_snapshot(model: torch.nn.Module) -> list[tuple[torch.Tensor, torch.
 def _run_steps(model: torch.nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, scheduler: Any,
                epoch: int, device: torch.device, step_fn: Callable[[Any, int, int], Mapping[str, torch.Tensor]],
                settings: EpochSettings, scaler: torch.amp.GradScaler | None, stepper: StepInBackward | None,
-               logger: MetricLogger, on_step: Callable[[int, Mapping[str, float], torch.nn.Module], None] | None,
+               logger: MetricLogger, on_step: Callable[[int, Mapping[str, torch.Tensor], torch.nn.Module], None] | None,
                start_step: int, save_step: Callable[[int], None] | None, num_batches: int) -> tuple[int, int]:
     """The steps of one epoch; returns this process's unreadable samples and skipped steps."""
     skipped_samples = 0
     skipped_steps = 0
     header = settings.header.format(epoch=epoch)
+    # losses stay on the device until a progress line, a save or the epoch end needs them (every step with
+    # ``skip_nonfinite``), so the host never waits for the device in between
+    pending: list[tuple[int, float, Mapping[str, torch.Tensor]]] = []
+
+    def read_losses() -> None:
+        nonfinite = _read_losses(pending, logger)
+        if nonfinite:
+            (i, detail), later = nonfinite[0], ", ".join(str(j) for j, _ in nonfinite[1:])
+            raise NonFiniteLossError(f"non-finite loss at epoch {epoch}, iteration {i} (on this or another process): "
+                                     f"{detail}{'; also at iterations ' + later if later else ''}; "
+                                     "--skip_nonfinite skips such steps instead")
+
     for i, item in enumerate(logger.log_every(loader, settings.print_freq, header, first_index=start_step),
                              start=start_step):
         batch = item
@@ -110,21 +139,21 @@ def _run_steps(model: torch.nn.Module, loader: Iterable, optimizer: torch.optim.
                       "step skipped")
                 if epoch == 0:
                     warmup_step(scheduler, epoch, i, settings.warmup_epochs, settings.step_size)
+                if i % settings.print_freq == 0 or i == num_batches - 1:
+                    read_losses()
                 continue
         optimizer.zero_grad(set_to_none=True)
         snapshot = _buffers_snapshot(model) if settings.skip_nonfinite else None
         with autocast(device, settings.amp):
             losses = step_fn(batch, i, num_batches)
         total = sum(losses.values())
-        values = {name: float(loss.detach()) for name, loss in losses.items()}
-        if not _all_finite(values, device):
-            detail = ", ".join(f"{k}={v}" for k, v in values.items())
-            where = f"epoch {epoch}, iteration {i}"
-            if snapshot is None:
-                raise NonFiniteLossError(f"non-finite loss at {where} (on this or another process): {detail}; "
-                                         "--skip_nonfinite skips such steps instead")
+        detached = {name: loss.detach() for name, loss in losses.items()}
+        pending.append((i, optimizer.param_groups[0]["lr"], detached))
+        nonfinite = _read_losses(pending, logger) if snapshot is not None else []
+        if nonfinite:
             skipped_steps += 1
-            print(f"warning: non-finite loss at {where}: {detail}; step skipped ({skipped_steps} this epoch)")
+            print(f"warning: non-finite loss at epoch {epoch}, iteration {i}: {nonfinite[0][1]}; step skipped "
+                  f"({skipped_steps} this epoch)")
             # every process runs backward so gradient hooks stay in step; buffers restored afterwards
             total.backward()
             optimizer.zero_grad(set_to_none=True)
@@ -145,14 +174,16 @@ def _run_steps(model: torch.nn.Module, loader: Iterable, optimizer: torch.optim.
         else:
             total.backward()
             optimizer.step()
-        logger.update(lr=optimizer.param_groups[0]["lr"], **values)
         if on_step is not None:
-            on_step(i, values, model)
+            on_step(i, detached, model)
         if epoch == 0:
             warmup_step(scheduler, epoch, i, settings.warmup_epochs, settings.step_size)
-        if save_step is not None and settings.save_every_steps > 0 and (i + 1) % settings.save_every_steps == 0 \
-                and i + 1 < num_batches:
+        save = settings.save_every_steps > 0 and (i + 1) % settings.save_every_steps == 0 and i + 1 < num_batches
+        if save or i % settings.print_freq == 0 or i == num_batches - 1:
+            read_losses()
+        if save and save_step is not None:
             save_step(i + 1)
+    read_losses()
     return skipped_samples, skipped_steps
 
 
@@ -160,14 +191,15 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable, optimizer: torch.o
                     epoch: int, device: torch.device,
                     step_fn: Callable[[Any, int, int], Mapping[str, torch.Tensor]], settings: EpochSettings,
                     scaler: torch.amp.GradScaler | None = None, sampler: Any = None,
-                    on_step: Callable[[int, Mapping[str, float], torch.nn.Module], None] | None = None,
+                    on_step: Callable[[int, Mapping[str, torch.Tensor], torch.nn.Module], None] | None = None,
                     start_step: int = 0, save_step: Callable[[int], None] | None = None,
                     ) -> dict[str, str]:
     """Run one epoch: ``step_fn(batch, i, num_batches)`` returns the named losses, their sum is
     back-propagated; the LR warm-up steps inside epoch 0 as the original.
 
     ``start_step`` resumes mid-epoch; ``save_step(next_step)`` every ``save_every_steps`` steps. A
-    non-finite loss raises :class:`NonFiniteLossError` or, with ``skip_nonfinite``, skips the step.
+    non-finite loss raises :class:`NonFiniteLossError` when the losses are next read (progress line, step
+    save, epoch end) or, with ``skip_nonfinite`` (read every step), skips the step.
     """
     model.train()
     logger = MetricLogger(delimiter="  ")

@@ -54,14 +54,14 @@ class Tracker:
             self._run.log(dict(values), step=step)
 
     def step_callback(self, epoch: int, num_batches: int, optimizer: torch.optim.Optimizer
-                      ) -> Callable[[int, Mapping[str, float], torch.nn.Module], None] | None:
+                      ) -> Callable[[int, Mapping[str, torch.Tensor], torch.nn.Module], None] | None:
         if self.backend == "none":
             return None
 
-        def on_step(i: int, losses: Mapping[str, float], model: torch.nn.Module) -> None:
+        def on_step(i: int, losses: Mapping[str, torch.Tensor], model: torch.nn.Module) -> None:
             if i % self.every:
                 return
-            values = dict(losses)
+            values = {name: float(loss) for name, loss in losses.items()}
             values["lr"] = optimizer.param_groups[0]["lr"]
             norm = gradient_norm(model)
             values["grad_norm"] = norm if math.isfinite(norm) else float("nan")

@@ -441,6 +441,11 @@ def soft_label_cross_entropy(logits: torch.Tensor, soft_labels: torch.Tensor, di
     return -torch.sum(F.log_softmax(logits, dim=dim) * soft_labels, dim=-1)
 
 
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values`` where ``mask`` holds, without boolean indexing (static shapes); 0 for an empty mask."""
+    return torch.where(mask, values, 0).sum() / mask.sum().clamp(min=1)
+
+
 class _BertWithHead(nn.Module):
     """A BERT (``bert.*``) plus the tied masked-LM head (``cls.*``)."""
 
@@ -486,9 +491,12 @@ class BertForMaskedLM(_BertWithHead):
             loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1))
             if soft_labels is not None:
                 selected = labels != -100
-                log_probs = F.log_softmax(logits, dim=self.distill_softmax_dim)[selected]
-                targets = soft_labels[selected] if soft_labels.dim() == 3 else soft_labels
-                distill = -torch.sum(log_probs * targets, dim=-1).mean()
+                if soft_labels.dim() == 3:
+                    distill = masked_mean(soft_label_cross_entropy(logits, soft_labels, self.distill_softmax_dim),
+                                          selected)
+                else:
+                    log_probs = F.log_softmax(logits, dim=self.distill_softmax_dim)[selected]
+                    distill = -torch.sum(log_probs * soft_labels, dim=-1).mean()
                 loss = (1 - alpha) * loss + alpha * distill
             if not nan_without_labels:
                 # chosen on the device: no host synchronisation; the other branch gets a zero gradient

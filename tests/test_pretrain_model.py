@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from types import SimpleNamespace
@@ -10,6 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
+import Pretrain
+from benchmarks.pretrain_step import PRESETS, make_batch
+from configs.schema import with_defaults
 from dataset.annotations import AnnotationError
 from dataset.pretrain import PretrainDataset
 from models.simla.pretrain import SIMLA, mask_tokens
@@ -108,6 +112,17 @@ def test_mask_tokens_probability_zero_and_one():
     assert torch.equal(masked_ids, ids) and labels.tolist() == [[-100] * 4] * 2
     _, labels = mask_tokens(ids, 515, 1.0, generator=torch.Generator().manual_seed(0))
     assert labels.tolist() == [[-100, 150, 151, -100], [-100, 152, -100, -100]]
+
+
+def test_mask_tokens_never_copies_the_ids_to_the_host():
+    """Only the draws cross devices: ids on the ``meta`` device (which cannot be copied out) work, and the
+    generator advances as for CPU ids."""
+    ids = torch.tensor([[101, 150, 151, 152, 0], [101, 153, 154, 0, 0]])
+    on_cpu, on_meta = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    mask_tokens(ids, 515, 0.5, generator=on_cpu)
+    masked_ids, labels = mask_tokens(ids.to("meta"), 515, 0.5, generator=on_meta)
+    assert masked_ids.device.type == labels.device.type == "meta" and masked_ids.shape == labels.shape == ids.shape
+    assert torch.equal(on_cpu.get_state(), on_meta.get_state())
 
 
 def test_momentum_update_formula(tiny_model):
@@ -230,6 +245,54 @@ def test_grad_checkpointing_gives_the_same_gradients(fixture):
     assert plain.keys() == checkpointed.keys() and len(plain) == 483
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-5, rtol=1e-4)
+
+
+def test_static_shape_losses_match_boolean_indexing():
+    """Heads on every position averaged under the masks give the losses and gradients of the heads on the
+    selected positions; the MIM codes as the full grid or flat give the same."""
+    preset = dict(PRESETS["tiny"])
+    torch.manual_seed(0)
+    tokenizer = SimpleNamespace(vocab_size=preset["vocab_size"], cls_token_id=101, pad_token_id=0, mask_token_id=103)
+    reference = SIMLA(tokenizer=tokenizer, config=preset).train()
+    image, text, codes, masked = make_batch(preset, 4, torch.device("cpu"), torch.Generator().manual_seed(0))
+
+    def run(static_shapes: bool, flat_codes: bool):
+        model = copy.deepcopy(reference)
+        model.static_shapes = static_shapes
+        torch.manual_seed(1)  # the same masking, negatives and dropout in every run
+        labels = codes[masked] if flat_codes else None
+        losses = model(image, text, visual_token_ids=None if flat_codes else codes, masked_visual_token_pos=masked,
+                       masked_visual_tok_labels=labels, alpha=0.4)
+        sum(losses).backward()
+        return torch.stack(losses), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    indexed_losses, indexed_grads = run(False, flat_codes=True)
+    assert torch.isfinite(indexed_losses).all()
+    for static_shapes, flat_codes in ((True, False), (True, True), (False, False)):
+        losses, grads = run(static_shapes, flat_codes)
+        torch.testing.assert_close(losses, indexed_losses)
+        assert grads.keys() == indexed_grads.keys()
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, indexed_grads[name], atol=1e-6, rtol=1e-4)
+    with pytest.raises(ValueError, match="masked_visual_tok_labels or visual_token_ids"):
+        reference(image, text, masked_visual_token_pos=masked)
+
+
+@pytest.mark.parametrize("pad_to_max", [False, True])
+def test_captions_padded_to_the_longest_or_on_request_to_the_maximum(fixture, pad_to_max):
+    seen = {}
+
+    def model(image, text, **kwargs):
+        seen["ids"] = text.input_ids
+        return (torch.zeros(()),) * 5
+
+    tokenizer = tokenizer_from_tokens(fixture["vocab_tokens"])
+    dvae = SimpleNamespace(get_codebook_indices=lambda images: torch.zeros(2, 2, 2, dtype=torch.long))
+    config = with_defaults({"alpha": 0.4} | ({"pad_captions_to_max": True} if pad_to_max else {}), "pretrain")
+    step = Pretrain.make_step(model, tokenizer, dvae, config, torch.device("cpu"), epoch=0)
+    step((torch.zeros(2, 3, 8, 8), ["a b c", "a"], torch.zeros(2, 3, 8, 8), torch.zeros(2, 2, 2)), 0, 1)
+    longest = len(tokenizer("a b c").input_ids)
+    assert longest < 25 and seen["ids"].shape == (2, 25 if pad_to_max else longest)
 
 
 # ------------------------------------------------------------------------------------------------ data

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 
+import pytest
 import torch
 
 from engine.checkpoint import load_checkpoint
@@ -39,11 +40,13 @@ def _tiny_mlm_bert() -> BertForMaskedLM:
     return BertForMaskedLM(config).eval()  # no dropout: two forwards give the same numbers
 
 
-def test_mlm_loss_without_masked_tokens_is_zero_and_connected():
+@pytest.mark.parametrize("every_position", [False, True])  # soft labels of the selected rows, or of all (B, L)
+def test_mlm_loss_without_masked_tokens_is_zero_and_connected(every_position):
     model = _tiny_mlm_bert()
     ids = torch.randint(5, model.config.vocab_size, (2, 6))
     labels = torch.full_like(ids, -100)
-    soft = torch.zeros(0, model.config.vocab_size)
+    soft = torch.softmax(torch.randn(2, 6, model.config.vocab_size), -1) if every_position else \
+        torch.zeros(0, model.config.vocab_size)
     loss = model(ids, labels=labels, soft_labels=soft, alpha=0.4, mode="text").loss
     assert loss.item() == 0.0 and not torch.signbit(loss)
     loss.backward()
@@ -65,6 +68,10 @@ def test_mlm_loss_with_masked_tokens_is_unchanged():
     zeroed = model(ids, labels=labels, soft_labels=soft, alpha=0.4, mode="text").loss
     plain = model(ids, labels=labels, soft_labels=soft, alpha=0.4, mode="text", nan_without_labels=True).loss
     assert torch.equal(zeroed, plain) and torch.isfinite(plain)
+    # soft labels for every position, averaged over the labelled ones without indexing: the same loss
+    every = torch.softmax(torch.randn(2, 6, model.config.vocab_size), dim=-1)
+    every[0, 2], every[1, 4] = soft
+    torch.testing.assert_close(model(ids, labels=labels, soft_labels=every, alpha=0.4, mode="text").loss, plain)
 
 
 def test_batches_without_masked_tokens_train_and_are_counted(small_demo_data, tmp_path):

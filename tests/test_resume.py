@@ -230,11 +230,11 @@ def test_resume_is_exact_with_unreadable_samples(tmp_path):
 # --- non-finite losses and weights ----------------------------------------------------------------------
 
 
-def run_epoch(model: QueueModel, skip: bool) -> dict:
+def run_epoch(model: QueueModel, skip: bool, print_freq: int = 100) -> dict:
     loader, sampler = create_train_loader(NoisyImages(), 4, 0, None, seed=0)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scheduler, _ = create_scheduler(SCHEDULE, optimizer)
-    settings = EpochSettings(loss_names=("loss",), print_freq=100, skip_nonfinite=skip)
+    settings = EpochSettings(loss_names=("loss",), print_freq=print_freq, skip_nonfinite=skip)
     return train_one_epoch(model, loader, optimizer, scheduler, 1, torch.device("cpu"),
                            lambda batch, i, n: {"loss": model(*batch)}, settings, sampler=sampler)
 
@@ -242,8 +242,22 @@ def run_epoch(model: QueueModel, skip: bool) -> dict:
 def test_nonfinite_loss_stops_with_step_and_components():
     model = QueueModel()
     model.nan_at = {3}
-    with pytest.raises(NonFiniteLossError, match=r"epoch 1, iteration 2.*loss=nan.*--skip_nonfinite"):
+    with pytest.raises(NonFiniteLossError, match=r"epoch 1, iteration 2.*loss=nan; also at iterations 3, 4, 5; "
+                                                 r"--skip_nonfinite"):
         run_epoch(model, skip=False)
+    # the losses are read at progress lines (iterations 0 and 5 of 6), not at every step
+    assert model.calls == 6
+
+
+def test_losses_read_at_progress_lines_reach_every_meter(capsys):
+    stats = {}
+    for print_freq in (1, 4, 100):
+        torch.manual_seed(0)
+        stats[print_freq] = run_epoch(QueueModel(), skip=False, print_freq=print_freq)
+    assert stats[1] == stats[4] == stats[100]
+    # a progress line shows the step's own loss (the window's median), not the previous one
+    lines = [line for line in capsys.readouterr().out.splitlines() if "[5/6]" in line]
+    assert len({line.split("loss: ")[1].split()[0] for line in lines}) == 1
 
 
 def test_nonfinite_loss_skipped_and_counted(capsys):

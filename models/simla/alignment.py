@@ -67,6 +67,5 @@ def itm_loss(model: Any, positive_cls: torch.Tensor, ita: ITA,
     neg_image_idx, neg_text_idx = model.sample_itm_negatives(weights_t2i, weights_i2t)
     negative_cls = fuse_negatives(neg_image_idx, neg_text_idx)
     logits = model.itm_head(torch.cat([positive_cls, negative_cls]))
-    labels = torch.cat([torch.ones(batch, dtype=torch.long), torch.zeros(2 * batch, dtype=torch.long)]
-                       ).to(logits.device)
+    labels = (torch.arange(3 * batch, device=logits.device) < batch).long()  # made on the device: no copy
     return ITM(F.cross_entropy(logits, labels), logits, labels, neg_image_idx, neg_text_idx)

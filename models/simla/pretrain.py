@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from configs.schema import with_defaults
-from models.bert import BertForMaskedLM, build_bert, load_bert_config, pretrained_source
+from models.bert import BertForMaskedLM, build_bert, load_bert_config, masked_mean, pretrained_source
 from models.dvae import DALLE_VOCAB_SIZE
 from models.lean_autograd import vocabulary_projection
 from models.simla.alignment import ita_loss, itm_loss, sample_negatives
@@ -25,21 +25,17 @@ PAD_ID, CLS_ID, MASK_ID = 0, 101, 103
 def mask_tokens(input_ids: torch.Tensor, vocab_size: int, mlm_probability: float, pad_token_id: int = PAD_ID,
                 cls_token_id: int = CLS_ID, mask_token_id: int = MASK_ID,
                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """BERT masking as the original, same CPU generator draws in the same order (seeded runs reproduce)."""
-    device = input_ids.device
-    ids = input_ids.clone().cpu()
-    labels = ids.clone()
-    shape = ids.shape
-    masked = torch.bernoulli(torch.full(shape, mlm_probability), generator=generator).bool()
-    masked[ids == pad_token_id] = False
-    masked[ids == cls_token_id] = False
-    labels[~masked] = -100
-    replaced = torch.bernoulli(torch.full(shape, 0.8), generator=generator).bool() & masked
-    ids[replaced] = mask_token_id
-    randomised = torch.bernoulli(torch.full(shape, 0.5), generator=generator).bool() & masked & ~replaced
-    random_words = torch.randint(vocab_size, shape, dtype=torch.long, generator=generator)
-    ids[randomised] = random_words[randomised]
-    return ids.to(device), labels.to(device)
+    """BERT masking as the original: the same CPU generator draws in the same order (seeded runs reproduce),
+    combined on the ids' device so the host never waits for it."""
+    shape, device = input_ids.shape, input_ids.device
+    draws = [torch.bernoulli(torch.full(shape, p), generator=generator).bool() for p in (mlm_probability, 0.8, 0.5)]
+    draws.append(torch.randint(vocab_size, shape, dtype=torch.long, generator=generator))
+    masked, replaced, randomised, random_words = (draw.to(device, non_blocking=True) for draw in draws)
+    masked = masked & (input_ids != pad_token_id) & (input_ids != cls_token_id)
+    replaced = replaced & masked
+    randomised = randomised & masked & ~replaced
+    ids = torch.where(replaced, mask_token_id, torch.where(randomised, random_words, input_ids))
+    return ids, torch.where(masked, input_ids, -100)
 
 
 class SIMLAPretrain(MomentumMixin, nn.Module):
@@ -106,6 +102,9 @@ class SIMLAPretrain(MomentumMixin, nn.Module):
         self.share_word_lookup = True
         self.share_image_kv = True
         self.pair_vit_passes = True
+        # MLM/MIM heads on every position, averaged under the masks: no boolean indexing, so nothing waits for
+        # the device; None: only off the CPU, where the extra head positions cost less than the waits
+        self.static_shapes: bool | None = None
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.visual_encoder.set_grad_checkpointing(enable)
@@ -139,10 +138,11 @@ class SIMLAPretrain(MomentumMixin, nn.Module):
                 return_intermediates: bool = False):
         """Returns ``(loss_mlm, loss_ita, loss_itm, loss_mim, loss_pseudolabels)``.
 
-        ``masked_visual_token_pos`` (B, N) bool; ``masked_visual_tok_labels`` its d-VAE codes (row-major);
-        ``visual_token_ids`` is unused.
+        ``masked_visual_token_pos`` (B, N) bool; ``masked_visual_tok_labels`` its d-VAE codes (row-major), or
+        when None, ``visual_token_ids`` the (B, N) codes of every patch.
         """
         ids, text_mask = text.input_ids, text.attention_mask
+        static = image.device.type != "cpu" if self.static_shapes is None else self.static_shapes
         inter: dict[str, Any] = {}
         with torch.no_grad():
             self.temp.clamp_(0.001, 0.5)
@@ -214,7 +214,7 @@ class SIMLAPretrain(MomentumMixin, nn.Module):
         with torch.no_grad():
             hidden_m = self.text_encoder_m.bert(mlm_ids, attention_mask=text_mask, encoder_hidden_states=image_embeds_m,
                                                 encoder_attention_mask=image_atts, mode="multimodal").last_hidden_state
-            soft_labels_mlm = F.softmax(self.text_encoder_m.cls(hidden_m[selected]), dim=-1)
+            soft_labels_mlm = F.softmax(self.text_encoder_m.cls(hidden_m if static else hidden_m[selected]), dim=-1)
         loss_mlm = self.text_encoder(mlm_ids, attention_mask=text_mask, encoder_hidden_states=image_embeds,
                                      encoder_attention_mask=image_atts, labels=mlm_labels,
                                      soft_labels=soft_labels_mlm, alpha=alpha, mode="multimodal",
@@ -226,21 +226,35 @@ class SIMLAPretrain(MomentumMixin, nn.Module):
 
         # ---- MIM: masked image patches (as BERT queries) attending to the caption's embeddings
         masked_pos = masked_visual_token_pos.flatten(1).bool()
+        if masked_visual_tok_labels is None:
+            if visual_token_ids is None:
+                raise ValueError("the MIM loss needs masked_visual_tok_labels or visual_token_ids (none given)")
+            code_grid = torch.where(masked_pos, visual_token_ids.flatten(1), -100)
+        else:
+            code_grid = torch.full_like(masked_pos, -100, dtype=torch.long).masked_scatter(
+                masked_pos, masked_visual_tok_labels)
         with torch.no_grad():
             if not pair_vit:
                 masked_embeds_m = self.visual_encoder_m(image, masked_visual_token_pos)
             cross_m = self.text_encoder_m.bert(inputs_embeds=masked_embeds_m, attention_mask=image_atts,
                                                encoder_hidden_states=self.text_encoder.bert.embeddings(**caption),
                                                encoder_attention_mask=text_mask)
-            soft_labels_mim = F.softmax(self.mim_head_m(cross_m.last_hidden_state[:, 1:][masked_pos]), dim=-1)
+            patches_m = cross_m.last_hidden_state[:, 1:]
+            soft_labels_mim = F.softmax(self.mim_head_m(patches_m if static else patches_m[masked_pos]), dim=-1)
         if not pair_vit:
             masked_embeds = self.visual_encoder(image, masked_visual_token_pos)
         cross = self.text_encoder.bert(inputs_embeds=masked_embeds, attention_mask=image_atts,
                                        encoder_hidden_states=self.text_encoder.bert.embeddings(**caption),
                                        encoder_attention_mask=text_mask)
-        predicted_visual_tokens = self.mim_head(cross.last_hidden_state[:, 1:][masked_pos])
-        loss_mim_hard = F.cross_entropy(predicted_visual_tokens, masked_visual_tok_labels)
-        mim_distill = -torch.sum(F.log_softmax(predicted_visual_tokens, dim=-1) * soft_labels_mim, dim=-1).mean()
+        patches = cross.last_hidden_state[:, 1:]
+        predicted_visual_tokens = self.mim_head(patches if static else patches[masked_pos])
+        mim_distill = -torch.sum(F.log_softmax(predicted_visual_tokens, dim=-1) * soft_labels_mim, dim=-1)
+        if static:
+            loss_mim_hard = F.cross_entropy(predicted_visual_tokens.flatten(0, 1), code_grid.flatten())
+            mim_distill = masked_mean(mim_distill, masked_pos)
+        else:
+            loss_mim_hard = F.cross_entropy(predicted_visual_tokens, code_grid[masked_pos])
+            mim_distill = mim_distill.mean()
         loss_mim = (1 - alpha) * loss_mim_hard + alpha * mim_distill
         if return_intermediates:
             inter.update(mim_loss_hard=loss_mim_hard, mim_loss_distill=mim_distill)
