@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from models.compile import MODES as COMPILE_MODES
 from utils import str2bool
 
 
@@ -58,6 +59,12 @@ def base_parser(description: str, default_config: str, default_output_dir: str,
     parser.add_argument("--fused_dropout", action="store_true",
                         help="attention dropout inside PyTorch's fused attention kernel (flash / memory-efficient "
                              "on GPUs): other random draws than the original's explicit softmax dropout")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile every ViT block and BERT layer with torch.compile (regional: a short "
+                             "compilation, unchanged state_dict keys)")
+    parser.add_argument("--compile_mode", default=None, choices=COMPILE_MODES,
+                        help="torch.compile mode with --compile (default: torch's default)")
+    parser.add_argument("--compile_backend", default="inductor", help="torch.compile backend with --compile")
     parser.add_argument("--resume", default=False, type=str2bool,
                         help="with --checkpoint (a checkpoint of this script): restore optimizer, scheduler, "
                              "random generators and data position and continue where it stopped")

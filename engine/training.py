@@ -12,6 +12,7 @@ from configs import as_written
 from dataset import create_loader, create_sampler
 from dataset.resumable import create_train_loader
 from engine.checkpoint import TrainingCheckpointer
+from models.compile import compile_regions
 from models.precision import grad_scaler
 from optim import create_optimizer
 from scheduler import create_scheduler
@@ -27,12 +28,17 @@ class TrainingParts(NamedTuple):
 
 def training_parts(args: Any, config: Mapping[str, Any], model: torch.nn.Module, state_model: torch.nn.Module,
                    device: torch.device, sampler: Any, batch_size: int) -> TrainingParts:
-    """Optimizer, scheduler, grad scaler (``--amp``) and checkpointer of a training run.
+    """Optimizer, scheduler, grad scaler (``--amp``) and checkpointer of a training run; ``--compile`` compiles
+    ``model``'s blocks in place.
 
     Parameters are grouped from ``model`` as the original (a DDP wrapper gets the original's wrapped
     grouping); ``state_model`` is what checkpoints hold; ``sampler``/``batch_size`` are for mid-epoch saves.
     """
     print(starting_weights(args, config, state_model))
+    if args.compile:
+        regions = compile_regions(model, args.compile_mode, args.compile_backend)
+        print(f"--compile: {regions} regions (ViT blocks, BERT layers) compiled in place with torch.compile "
+              f"(backend {args.compile_backend}, mode {args.compile_mode or 'default'})")
     optimizer = create_optimizer(config["optimizer"], model)
     scheduler, _ = create_scheduler(config["schedular"], optimizer)
     scaler = grad_scaler(device, args.amp)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -30,9 +32,12 @@ def attention(
     attn_mask: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     need_probs: bool = False,
+    capture: Callable[[torch.Tensor], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Multi-head attention on ``(B, H, L, D)`` -> ``(context, probs)``; pre-dropout ``probs`` or None."""
+    """Multi-head attention on ``(B, H, L, D)`` -> ``(context, probs)``; pre-dropout ``probs`` or None.
+    ``capture`` receives ``probs`` before they are used (Grad-CAM)."""
     mask = _mask_for(query.dtype, attn_mask)
+    need_probs = need_probs or capture is not None
     if not need_probs and (dropout_p == 0.0 or _fused_dropout):
         return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout_p), None
     scale = query.shape[-1] ** -0.5
@@ -40,6 +45,8 @@ def attention(
     if mask is not None:
         scores = scores + mask
     probs = scores.softmax(dim=-1)
+    if capture is not None:
+        capture(probs)
     context = dropout_matmul(probs, value, dropout_p) if dropout_p > 0 else torch.matmul(probs, value)
     return context, (probs if need_probs else None)
 
@@ -59,6 +66,7 @@ class AttentionCapture:
     def get_attention_map(self) -> torch.Tensor | None:
         return self.attention_map
 
+    @torch.compiler.disable  # compiled regions break here, so ``probs`` stays a node of the autograd graph
     def capture(self, probs: torch.Tensor) -> None:
         """Keep ``probs`` and, once backward reaches them, their gradient."""
         self.attention_map = probs

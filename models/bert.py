@@ -137,11 +137,9 @@ class BertSelfAttention(AttentionCapture, nn.Module):
         if encoder_kv is None:
             encoder_kv = self.key_value(hidden_states if encoder_hidden_states is None else encoder_hidden_states)
         k, v = encoder_kv
-        need_probs = output_attentions or self.save_attention
         drop = self.dropout_prob if self.training else 0.0
-        context, probs = attention(q, k, v, attention_mask, dropout_p=drop, need_probs=need_probs)
-        if self.save_attention:
-            self.capture(probs)
+        context, probs = attention(q, k, v, attention_mask, dropout_p=drop, need_probs=output_attentions,
+                                   capture=self.capture if self.save_attention else None)
         return merge_heads(context), probs
 
 

@@ -37,9 +37,7 @@ class Attention(AttentionCapture, nn.Module):
         qkv = self.qkv(x).reshape(batch, length, 3, self.num_heads, width // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         drop = self.attn_drop if self.training else 0.0
-        context, probs = attention(q, k, v, dropout_p=drop, need_probs=register_hook)
-        if register_hook:
-            self.capture(probs)
+        context, _ = attention(q, k, v, dropout_p=drop, capture=self.capture if register_hook else None)
         return self.proj_drop(self.proj(merge_heads(context)))
 
 
