@@ -43,7 +43,7 @@ def make_step(model: torch.nn.Module, tokenizer: Any, dvae: DalleVAE, config: di
         alpha = alpha_max if epoch > 0 else alpha_max * min(1.0, i / num_batches)
         with torch.no_grad():
             visual_token_ids = dvae.get_codebook_indices(image_for_tokenization).flatten(1)
-            masked_pos = masked_positions.to(device).flatten(1).bool()
+            masked_pos = masked_positions.to(device, non_blocking=True).flatten(1).bool()
             labels = visual_token_ids[masked_pos]
         loss_mlm, loss_ita, loss_itm, loss_mim, loss_pseudo = model(
             image, text, visual_token_ids=visual_token_ids, masked_visual_token_pos=masked_pos,
