@@ -1,8 +1,8 @@
 """Time one SIMLA pretraining step (forward of all five losses, backward, AdamW step).
 
 python benchmarks/pretrain_step.py --preset small [--device cpu] [--amp none|bf16|fp16]
-    [--grad_checkpointing] [--step_in_backward] [--compile [--compile_mode M]] [--batch_size 4] [--steps 5]
-    [--json out.json]
+    [--grad_checkpointing] [--step_in_backward] [--compile [--compile_mode M]] [--fused_dropout] [--tf32]
+    [--batch_size 4] [--steps 5] [--json out.json]
 
 Presets ``tiny``, ``small``, ``base``. Prints seconds per step, samples/s, peak memory and (GPU or
 ``--count_flops``) FLOPs, FLOP/s and MFU, as JSON and one summary line. ``--compile`` compiles each ViT block
@@ -29,6 +29,8 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from benchmarks.memory import peak_rss_mb, rss_mb  # noqa: E402
 from configs.schema import patch_grid  # noqa: E402
 from dataset.masking import MaskingGenerator  # noqa: E402
+from engine.runtime import use_tf32  # noqa: E402
+from models.attention import use_fused_dropout  # noqa: E402
 from models.compile import MODES, compile_regions, compiled_graphs  # noqa: E402
 from models.precision import autocast, grad_scaler  # noqa: E402
 from models.simla.pretrain import SIMLA  # noqa: E402
@@ -79,6 +81,91 @@ def count_step_flops(run_step) -> int:
 GPU_PEAK_FLOPS = {"none": 67e12, "bf16": 989e12, "fp16": 989e12}
 
 
+def measure_step(preset: str, batch_size: int | None = None, device: str | torch.device = "cpu", amp: str = "none",
+                 grad_checkpointing: bool = False, compile: str | None = None, fused_dropout: bool = False,
+                 tf32: bool = False, step_in_backward: bool = False, steps: int | None = None, warmup: int = 2,
+                 count_flops: bool = False, compile_mode: str | None = None) -> dict:
+    """Time ``steps`` steps of the ``preset`` model after ``warmup`` ones (at least one: its time, which holds
+    the compilation, is ``first_step_s``); ``compile``: the ``compile_regions`` backend, or None."""
+    if step_in_backward and amp == "fp16":
+        raise ValueError("step_in_backward cannot be combined with amp fp16")
+    preset_config = dict(PRESETS[preset], grad_checkpointing=grad_checkpointing)
+    batch_size = batch_size or preset_config["batch_size"]
+    steps = steps or (3 if preset == "base" else 5)
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    torch.manual_seed(0)
+    tokenizer = SimpleNamespace(vocab_size=preset_config["vocab_size"], cls_token_id=101, pad_token_id=0,
+                                mask_token_id=103)
+    model = SIMLA(tokenizer=tokenizer, config=preset_config).to(device).train()
+    optimizer = create_optimizer({"opt": "adamW", "lr": 1e-4, "weight_decay": 0.02}, model)
+    scaler = grad_scaler(device, amp)
+    stepper = StepInBackward(optimizer) if step_in_backward else None
+    regions = compile_regions(model, compile_mode, backend=compile) if compile else 0
+    image, text, codes, masked = make_batch(preset_config, batch_size, device, torch.Generator().manual_seed(0))
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(device, amp):
+            losses = model(image, text, visual_token_ids=codes, masked_visual_token_pos=masked, alpha=0.4)
+        total = sum(losses)
+        if stepper is not None:
+            with stepper.active():
+                total.backward()
+        else:
+            scaler.scale(total).backward()
+            scaler.step(optimizer)
+            scaler.update()
+
+    def timed() -> float:
+        if cuda:
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        step()
+        if cuda:
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+
+    tf32_before = torch.backends.cuda.matmul.allow_tf32
+    use_tf32(tf32)
+    use_fused_dropout(fused_dropout)
+    try:
+        first = timed()
+        for _ in range(warmup - 1):
+            timed()
+        graphs = compiled_graphs()
+        times = [timed() for _ in range(steps)]
+        graphs = compiled_graphs() - graphs
+        peak_gpu = torch.cuda.max_memory_allocated(device) if cuda else None
+        if count_flops:
+            with torch.compiler.set_stance("force_eager"):  # compiled kernels would hide their FLOPs from the counter
+                flops = count_step_flops(step)
+        else:
+            flops = None
+    finally:
+        use_tf32(tf32_before)
+        use_fused_dropout(False)
+    median = statistics.median(times)
+    params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    result = {
+        "what": "pretraining step", "preset": preset, "device": str(device), "amp": amp,
+        "grad_checkpointing": grad_checkpointing, "step_in_backward": step_in_backward, "compile": compile,
+        "compile_mode": compile_mode, "compiled_regions": regions, "graphs_compiled_in_timed_steps": graphs,
+        "fused_dropout": fused_dropout, "tf32": tf32, "batch_size": batch_size,
+        "params_millions": round(params / 1e6, 2), "threads": torch.get_num_threads(),
+        "first_step_s": round(first, 4), "median_s_per_step": round(median, 4),
+        "samples_per_s": round(batch_size / median, 2), "steps": [round(t, 4) for t in times],
+    }
+    if peak_gpu is not None:
+        result["peak_gpu_mb"] = round(peak_gpu / 2**20, 1)
+    if flops is not None:
+        result["gflop_per_step"] = round(flops / 1e9, 2)
+        result["achieved_tflops_per_s"] = round(flops / median / 1e12, 3)
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="small")
@@ -87,8 +174,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--grad_checkpointing", action="store_true")
     parser.add_argument("--step_in_backward", action="store_true",
                         help="update each parameter during backward and free its gradient (as the scripts' flag)")
-    parser.add_argument("--compile", action="store_true", help="compile every ViT block and BERT layer")
+    parser.add_argument("--compile", action="store_true", help="compile each ViT block and BERT layer")
     parser.add_argument("--compile_mode", choices=MODES, default=None)
+    parser.add_argument("--fused_dropout", action="store_true", help="as the scripts' flag")
+    parser.add_argument("--tf32", action="store_true", help="as the scripts' flag")
     parser.add_argument("--batch_size", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 5, base 3)")
     parser.add_argument("--warmup", type=int, default=2,
@@ -102,86 +191,25 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     after_imports = rss_mb()
-    preset = dict(PRESETS[args.preset])
-    batch_size = args.batch_size or preset["batch_size"]
-    steps = args.steps or (3 if args.preset == "base" else 5)
-    device = torch.device(args.device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    torch.manual_seed(0)
-    tokenizer = SimpleNamespace(vocab_size=preset["vocab_size"], cls_token_id=101, pad_token_id=0, mask_token_id=103)
-    config = dict(preset, grad_checkpointing=args.grad_checkpointing)
-    model = SIMLA(tokenizer=tokenizer, config=config).to(device).train()
-    optimizer = create_optimizer({"opt": "adamW", "lr": 1e-4, "weight_decay": 0.02}, model)
-    scaler = grad_scaler(device, args.amp)
-    if args.step_in_backward and scaler.is_enabled():
-        parser.error("--step_in_backward cannot be combined with --amp fp16")
-    stepper = StepInBackward(optimizer) if args.step_in_backward else None
-    regions = compile_regions(model, args.compile_mode) if args.compile else 0
-    generator = torch.Generator().manual_seed(0)
-    batch = make_batch(preset, batch_size, device, generator)
-    image, text, codes, masked = batch
-
-    def step() -> float:
-        optimizer.zero_grad(set_to_none=True)
-        with autocast(device, args.amp):
-            losses = model(image, text, visual_token_ids=codes, masked_visual_token_pos=masked, alpha=0.4)
-        total = sum(losses)
-        if stepper is not None:
-            with stepper.active():
-                total.backward()
-        else:
-            scaler.scale(total).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        return float(total.detach())
-
-    def timed_step() -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
-
-    first_step = timed_step()
-    for _ in range(args.warmup - 1):
-        step()
-    graphs = compiled_graphs()
-    times = [timed_step() for _ in range(steps)]
-    median = statistics.median(times)
-    params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    result = {
-        "what": "pretraining step", "preset": args.preset, "device": str(device), "amp": args.amp,
-        "grad_checkpointing": args.grad_checkpointing, "step_in_backward": args.step_in_backward,
-        "compile": args.compile, "compile_mode": args.compile_mode, "compiled_regions": regions,
-        "first_step_s": round(first_step, 2), "graphs_compiled_in_timed_steps": compiled_graphs() - graphs,
-        "batch_size": batch_size,
-        "params_millions": round(params / 1e6, 2), "threads": torch.get_num_threads(),
-        "median_s_per_step": round(median, 4), "samples_per_s": round(batch_size / median, 2),
-        "steps": [round(t, 4) for t in times],
-    }
-    if device.type == "cuda":
-        result["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    cuda = torch.device(args.device).type == "cuda"
+    result = measure_step(args.preset, args.batch_size, args.device, args.amp, args.grad_checkpointing,
+                          "inductor" if args.compile else None, args.fused_dropout, args.tf32,
+                          args.step_in_backward, args.steps, args.warmup, args.count_flops or cuda,
+                          args.compile_mode)
+    if cuda:
+        result["mfu"] = round(result["achieved_tflops_per_s"] * 1e12 / GPU_PEAK_FLOPS[args.amp], 4)
     result["peak_rss_mb"] = round(peak_rss_mb(), 1)
     result["rss_after_imports_mb"] = round(after_imports, 1)
     result["peak_rss_above_imports_mb"] = round(peak_rss_mb() - after_imports, 1)
-    if args.count_flops or device.type == "cuda":
-        with torch.compiler.set_stance("force_eager"):  # compiled kernels would hide their FLOPs from the counter
-            flops = count_step_flops(step)
-        result["gflop_per_step"] = round(flops / 1e9, 2)
-        result["achieved_tflops_per_s"] = round(flops / median / 1e12, 3)
-        if device.type == "cuda":
-            result["mfu"] = round(flops / median / GPU_PEAK_FLOPS[args.amp], 4)
     print(json.dumps(result, indent=2))
-    print(f"{args.preset}, batch {batch_size}, {device}, amp {args.amp}: median {result['median_s_per_step']} s/step "
-          f"({result['samples_per_s']} samples/s) over {steps} steps; peak RSS {result['peak_rss_mb']} MB, "
+    print(f"{args.preset}, batch {result['batch_size']}, {result['device']}, amp {args.amp}: median "
+          f"{result['median_s_per_step']} s/step ({result['samples_per_s']} samples/s) over {len(result['steps'])} "
+          f"steps; peak RSS {result['peak_rss_mb']} MB, "
           f"{result['peak_rss_above_imports_mb']} MB above the RSS after imports ({result['rss_after_imports_mb']} MB)"
           + (f"; {result['gflop_per_step']} GFLOP/step, {result['achieved_tflops_per_s']} TFLOP/s"
              if "gflop_per_step" in result else "")
           + (f", MFU {result['mfu']:.1%} (of {GPU_PEAK_FLOPS[args.amp] / 1e12:.0f} TFLOP/s)" if "mfu" in result else "")
-          + (f"; {regions} regions compiled, first step {result['first_step_s']} s" if args.compile else ""))
+          + (f"; {result['compiled_regions']} regions compiled, first step {result['first_step_s']} s" if args.compile else ""))
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(result, handle, indent=2)

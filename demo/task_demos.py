@@ -168,12 +168,12 @@ def runs_for(rows: Sequence[str]) -> list[Run]:
     return [run for run in TRAINED_RUNS if run.name in wanted] + [ROWS[row].untrained for row in rows]
 
 
-def command(run: Run, out_dir: Path, num_workers: int) -> list[str]:
+def command(run: Run, out_dir: Path, num_workers: int, device: str = "cpu") -> list[str]:
     """The README's command line of ``run`` (outputs under ``out_dir``) with the reproducibility flags."""
     cmd = [sys.executable, run.script, "--config", run.config, "--output_dir", str(out_dir / run.name)]
     if run.checkpoint:
         cmd += ["--checkpoint", str(out_dir / run.checkpoint)]
-    cmd += ["--text_encoder", TEXT_ENCODER, *run.flags, "--device", "cpu", "--deterministic",
+    cmd += ["--text_encoder", TEXT_ENCODER, *run.flags, "--device", device, "--deterministic",
             "--num_workers", str(num_workers)]
     if "--save_sims" in run.flags and out_dir != DEFAULT_OUT_DIR:  # the config names output/<run>/sims
         cmd += ["--overrides", f"save_sims={out_dir / run.name / 'sims'}"]

@@ -72,7 +72,7 @@ def training_loader(args: Any, config: Mapping[str, Any], dataset: Any, batch_si
                     items: str = "samples", required: bool = True) -> tuple[DataLoader, Any]:
     """The run's resumable training loader and sampler; with ``required``, refuse less than one batch per process."""
     loader, sampler = create_train_loader(dataset, batch_size, args.num_workers, collate_fn, seed=args.seed,
-                                          num_replicas=get_world_size(), rank=get_rank())
+                                          num_replicas=get_world_size(), rank=get_rank(), pin_memory=pins_memory(args))
     if required and len(loader) == 0:
         raise ValueError(f"{config['train_file']}: {len(dataset)} {items} give no full batch of {batch_size} "
                          "per process")
@@ -86,4 +86,9 @@ def evaluation_loaders(args: Any, datasets: Sequence[Any], batch_size: int, shar
     samplers = (create_sampler(datasets, [False] * count, get_world_size(), get_rank())
                 if sharded and getattr(args, "distributed", False) else [None] * count)
     return create_loader(datasets, samplers, batch_size=[batch_size] * count, num_workers=[args.num_workers] * count,
-                         is_trains=[False] * count, collate_fns=[None] * count)
+                         is_trains=[False] * count, collate_fns=[None] * count, pin_memory=pins_memory(args))
+
+
+def pins_memory(args: Any) -> bool:
+    """Loaders pin their batches (for ``non_blocking`` copies) only when ``--device`` is an available GPU."""
+    return torch.device(getattr(args, "device", "cpu")).type == "cuda" and torch.cuda.is_available()

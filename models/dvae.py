@@ -87,11 +87,21 @@ class DalleVAE(nn.Module):
     @torch.no_grad()
     def get_codebook_indices(self, images: torch.Tensor) -> torch.Tensor:
         """``(B, 3, H, W)`` images in the ``map_pixels`` range -> ``(B, H/8, W/8)`` code indices."""
-        logits = self.encoder(images.float())
+        dtype = encoder_dtype(images.device)
+        images = images.float()
+        if dtype != torch.float32:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(images.device.type, dtype=dtype, enabled=dtype != torch.float32):
+            logits = self.encoder(images)
         return torch.argmax(logits, dim=1)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.get_codebook_indices(images)
+
+
+def encoder_dtype(device: torch.device) -> torch.dtype:
+    """bfloat16 on channels-last images on CUDA; float32 elsewhere, so CPU codes stay the original's."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 def map_pixels(x: torch.Tensor) -> torch.Tensor:

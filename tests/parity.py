@@ -158,14 +158,16 @@ def fixture_checks() -> dict[str, Callable[[dict], dict]]:
     return checks
 
 
-def run_fixture(path: str) -> list[Result]:
-    fx = torch.load(path, map_location="cpu", weights_only=True)
+def run_fixture(path: str, device: str | torch.device = "cpu") -> list[Result]:
+    """Reproduce a fixture's outputs with its inputs, weights and new tensors on ``device``."""
+    fx = torch.load(path, map_location=device, weights_only=True)
     name = fx.get("name") or os.path.splitext(os.path.basename(path))[0]
     check = fixture_checks().get(name)
     if check is None:
         return [Result(name, None, None, f"no check for fixture kind {name!r} in this checkout")]
     try:
-        actual = check(fx)
+        with torch.device(device):
+            actual = check(fx)
     except NotAvailable as exc:
         return [Result(name, None, None, str(exc))]
     return compare_fixture(fx, actual, name)

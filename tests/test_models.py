@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import models.dvae as dvae
 from models.attention import attention
 from models.bert import (
     BertForMaskedLM,
@@ -376,6 +377,23 @@ def test_dvae_random_save_load_roundtrip(tmp_path):
     assert torch.equal(codes, vae.get_codebook_indices(images))
     assert loaded.decoder is None
     assert not any(p.requires_grad for p in loaded.parameters())
+
+
+def test_dvae_encodes_in_bf16_channels_last_only_on_cuda(monkeypatch):
+    assert dvae.encoder_dtype(torch.device("cpu")) == torch.float32
+    assert dvae.encoder_dtype(torch.device("cuda", 0)) == torch.bfloat16
+    vae = DalleVAE.random(n_hid=64, seed=3)
+    images = dvae.map_pixels(torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)))
+    float32_codes = vae.get_codebook_indices(images)
+    seen = []
+    vae.encoder.blocks.input.register_forward_pre_hook(
+        lambda module, args: seen.append((torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu")
+                                          else None, args[0].is_contiguous(memory_format=torch.channels_last))))
+    monkeypatch.setattr(dvae, "encoder_dtype", lambda device: torch.bfloat16)  # the CUDA choice, on the CPU
+    bf16_codes = vae.get_codebook_indices(images)
+    assert seen == [(torch.bfloat16, True)]
+    assert bf16_codes.shape == float32_codes.shape and bf16_codes.dtype == torch.long
+    assert 0.9 < (bf16_codes == float32_codes).float().mean() < 1
 
 
 class _Planted:

@@ -38,6 +38,14 @@ def mask_tokens(input_ids: torch.Tensor, vocab_size: int, mlm_probability: float
     return ids, torch.where(masked, input_ids, -100)
 
 
+def keyword_votes(cls_attention: torch.Tensor, keys_per_head: int) -> torch.Tensor:
+    """Per position, how many heads rank it among their ``keys_per_head`` most attended (B, L) integers."""
+    batch, _, length = cls_attention.shape
+    keys = cls_attention.reshape(-1, length).topk(min(keys_per_head, length), dim=-1).indices.view(batch, -1)
+    counts = torch.zeros(batch, length, dtype=keys.dtype, device=keys.device)
+    return counts.scatter_add_(1, keys, torch.ones_like(keys))
+
+
 class SIMLAPretrain(MomentumMixin, nn.Module):
     def __init__(self, text_encoder: str | None = None, tokenizer: Any = None,
                  config: Mapping[str, Any] | None = None, temp: float = 0.07) -> None:
@@ -284,18 +292,21 @@ class SIMLAPretrain(MomentumMixin, nn.Module):
         return vocabulary_projection(features, head.weight, head.bias)
 
     @torch.no_grad()
-    def salient_tokens(self, ids: torch.Tensor, text_mask: torch.Tensor, image_embeds: torch.Tensor,
-                       image_atts: torch.Tensor) -> torch.Tensor:
-        """Token ids of the positions the momentum text encoder's [CLS] attends to most (B, keywords)."""
+    def keyword_attention(self, ids: torch.Tensor, text_mask: torch.Tensor, image_embeds: torch.Tensor,
+                          image_atts: torch.Tensor) -> torch.Tensor:
+        """The momentum text encoder's [CLS] attention row at ``psl_layer`` (B, heads, L)."""
         out = self.text_encoder_m.bert(ids, attention_mask=text_mask, encoder_hidden_states=image_embeds,
                                        encoder_attention_mask=image_atts, mode="multimodal",
                                        output_attentions=[self.psl_layer])
-        batch, length = ids.shape
-        cls_row = out.attentions[0][:, :, 0].reshape(-1, length)  # (B * heads, L)
-        keys = cls_row.topk(min(self.psl_keys_per_head, length), dim=-1).indices.view(batch, -1)
-        counts = torch.zeros(batch, length, dtype=keys.dtype, device=keys.device)
-        counts.scatter_add_(1, keys, torch.ones_like(keys))
-        positions = counts.topk(min(self.psl_num_keywords, length), dim=-1).indices
+        return out.attentions[0][:, :, 0]
+
+    @torch.no_grad()
+    def salient_tokens(self, ids: torch.Tensor, text_mask: torch.Tensor, image_embeds: torch.Tensor,
+                       image_atts: torch.Tensor) -> torch.Tensor:
+        """Token ids of the positions the momentum text encoder's [CLS] attends to most (B, keywords)."""
+        counts = keyword_votes(self.keyword_attention(ids, text_mask, image_embeds, image_atts),
+                               self.psl_keys_per_head)
+        positions = counts.topk(min(self.psl_num_keywords, ids.shape[1]), dim=-1).indices
         return torch.gather(ids, 1, positions)
 
 

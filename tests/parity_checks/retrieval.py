@@ -55,7 +55,7 @@ def check_retrieval_eval(fx: dict) -> dict:
     model = _fixture_model(fx)
     ids, mask = inputs["text_input_ids"], inputs["text_attention_mask"]
     batch_size = int(fx["config"].get("batch_size_test", 2))
-    image_feats, image_embeds = encode_images(model, inputs["image"].split(batch_size), torch.device("cpu"))
+    image_feats, image_embeds = encode_images(model, inputs["image"].split(batch_size), inputs["image"].device)
     text_embeds = encode_texts(model, ids, mask)
     features = RetrievalFeatures(ids, mask, text_embeds, image_embeds, image_feats)
     scores = rerank(model, features, inputs["k_test"], keep_sims=True)
