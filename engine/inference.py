@@ -112,7 +112,7 @@ class Predictor(_ModelInputs):
     def __init__(self, model: SIMLA, tokenizer: Any, config: dict[str, Any], device: torch.device,
                  amp: str = "none") -> None:
         super().__init__(model, tokenizer, config, device, amp)
-        self.pair_batch = int(config.get("itm_eval_batch_size", 256))
+        self.pair_batch = int(config["itm_eval_batch_size"])
 
     @torch.no_grad()
     def encode_images(self, images: Sequence[ImageInput]) -> tuple[torch.Tensor, torch.Tensor]:
