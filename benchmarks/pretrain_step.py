@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import sys
 import time
@@ -62,6 +63,7 @@ def make_batch(preset: dict, batch_size: int, device: torch.device, generator: t
     ids[:, 0] = 101
     mask = (torch.arange(length)[None, :] < lengths[:, None]).long()
     ids = ids * mask
+    random.seed(0)  # the masking generator draws from Python's random: the same masks in every run
     masker = MaskingGenerator(grid, preset["mask_patches"], min_num_patches=preset["mask_min"])
     masked = torch.stack([torch.from_numpy(masker()) for _ in range(batch_size)]).flatten(1).bool()
     codes = torch.randint(0, 8192, (batch_size, grid * grid), generator=generator)

@@ -422,7 +422,7 @@ class BertLMPredictionHead(nn.Module):
         self.decoder.bias = self.bias
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return vocabulary_projection(self.transform(hidden_states), self.decoder.weight, self.bias)
+        return vocabulary_projection(self.transform(hidden_states), self.decoder.weight, self.decoder.bias)
 
 
 class BertOnlyMLMHead(nn.Module):

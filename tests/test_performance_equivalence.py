@@ -9,8 +9,10 @@ the retrieval re-ranking. Tolerances are those of the parity suite or tighter.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -18,13 +20,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
+import models.simla.pretrain as pretrain_module
 from configs import load_config
 from engine.cli import base_parser
 from engine.retrieval_eval import rerank
 from models.attention import attention, use_fused_dropout
 from models.bert import BertModel, load_bert_config
 from models.lean_autograd import vocabulary_projection
+from models.precision import cast_frozen_once
 from models.simla.pretrain import SIMLA as PretrainSIMLA
 from models.simla.retrieval import SIMLA as RetrievalSIMLA
 from models.tokenization import tokenizer_from_tokens
@@ -333,6 +338,57 @@ def test_momentum_lerp_is_the_ema_formula(pretrain_fixture):
     for name, param in model.visual_encoder_m.named_parameters():
         exact = before[name] * model.momentum + online[name].detach().double() * (1 - model.momentum)
         torch.testing.assert_close(param.detach().double(), exact, atol=1e-6, rtol=0)
+
+
+class _Casts(TorchDispatchMode):
+    """Counts ``_to_copy`` calls per source tensor (autocast's casts)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sources: list[int] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._to_copy.default:
+            self.sources.append(args[0].data_ptr())
+        return func(*args, **(kwargs or {}))
+
+
+def test_frozen_momentum_weights_are_cast_once_per_step_under_autocast(pretrain_fixture, monkeypatch):
+    """bf16 autocast: each momentum Linear weight is cast once per step instead of once per pass, the losses,
+    gradients and updated weights are bitwise those of casting at every use, and the float32 parameters are
+    back after the step."""
+    results = []
+    for cast_once in (True, False):
+        if not cast_once:
+            monkeypatch.setattr(pretrain_module, "cast_frozen_once", lambda modules, device: contextlib.nullcontext())
+        model = _pretrain_model(pretrain_fixture, optimised=True)
+        frozen = {p.data_ptr(): n for n, p in model.named_parameters() if "_m." in n and not p.requires_grad}
+        counter = _Casts()
+        with counter, torch.autocast("cpu", dtype=torch.bfloat16):
+            losses, grads = _pretrain_step(model, pretrain_fixture, seed=11)
+        casts = Counter(frozen[ptr] for ptr in counter.sources if ptr in frozen)
+        results.append((losses, grads, model.state_dict(), casts))
+        assert all(type(p) is nn.Parameter and p.dtype == torch.float32 for p in model.parameters())
+    (losses, grads, state, casts), (plain_losses, plain_grads, plain_state, plain_casts) = results
+    layer = "text_encoder_m.bert.encoder.layer.0.attention.self.query.weight"
+    assert casts[layer] == 1 and plain_casts[layer] > 1  # the text, MLM and MIM passes
+    assert max(casts.values()) == 1 and sum(casts.values()) < sum(plain_casts.values())
+    for a, b in zip(losses, plain_losses):
+        assert torch.equal(a, b)
+    assert grads.keys() == plain_grads.keys() and all(torch.equal(grads[n], plain_grads[n]) for n in grads)
+    assert all(torch.equal(state[k], plain_state[k]) for k in state)
+
+
+def test_cast_frozen_once_restores_the_weights_when_the_block_fails():
+    layer = nn.Linear(4, 4).requires_grad_(False)
+    weight = layer.weight
+    with pytest.raises(RuntimeError, match="inside"), torch.autocast("cpu", dtype=torch.bfloat16):
+        with cast_frozen_once([layer], "cpu"):
+            assert layer.weight.dtype == torch.bfloat16
+            raise RuntimeError("inside")
+    assert layer.weight is weight
+    with cast_frozen_once([layer], "cpu"):  # no autocast: nothing swapped
+        assert layer.weight is weight
 
 
 # --- retrieval ----------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from configs.schema import with_defaults
 from models.bert import BertForMaskedLM, build_bert, load_bert_config, masked_mean, pretrained_source
 from models.dvae import DALLE_VOCAB_SIZE
 from models.lean_autograd import vocabulary_projection
+from models.precision import cast_frozen_once
 from models.simla.alignment import ita_loss, itm_loss, sample_negatives
 from models.simla.checkpoint_keys import FilteredState
 from models.simla.momentum import MomentumMixin
@@ -149,11 +150,19 @@ class SIMLAPretrain(MomentumMixin, nn.Module):
         ``masked_visual_token_pos`` (B, N) bool; ``masked_visual_tok_labels`` its d-VAE codes (row-major), or
         when None, ``visual_token_ids`` the (B, N) codes of every patch.
         """
+        with torch.no_grad():
+            self.temp.clamp_(0.001, 0.5)
+            self._momentum_update()
+        with cast_frozen_once([momentum for _, momentum in self.model_pairs], image.device.type):
+            return self._losses(image, text, visual_token_ids, masked_visual_token_pos, masked_visual_tok_labels,
+                                alpha, return_intermediates)
+
+    def _losses(self, image: torch.Tensor, text: Any, visual_token_ids: torch.Tensor | None,
+                masked_visual_token_pos: torch.Tensor | None, masked_visual_tok_labels: torch.Tensor | None,
+                alpha: float, return_intermediates: bool):
         ids, text_mask = text.input_ids, text.attention_mask
         static = image.device.type != "cpu" if self.static_shapes is None else self.static_shapes
         inter: dict[str, Any] = {}
-        with torch.no_grad():
-            self.temp.clamp_(0.001, 0.5)
 
         # plain and masked ViT passes as one batch when that draws no random numbers
         pair_vit = self.pair_vit_passes and not (self.visual_encoder.draws_random_numbers()
@@ -172,7 +181,6 @@ class SIMLAPretrain(MomentumMixin, nn.Module):
 
         # ---- momentum features and ITA targets
         with torch.no_grad():
-            self._momentum_update()
             if pair_vit:
                 image_embeds_m, masked_embeds_m = self.visual_encoder_m.forward_plain_and_masked(
                     image, masked_visual_token_pos)
