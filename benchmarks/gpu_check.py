@@ -26,7 +26,7 @@ if REPO_ROOT not in sys.path:
 
 import torch  # noqa: E402
 
-from benchmarks.pretrain_step import measure_step  # noqa: E402
+from benchmarks.pretrain_step import matmul_tflops, measure_step  # noqa: E402
 from demo.task_demos import DEMO_DATA, TRAINED_RUNS, VE, Run, command, run_env  # noqa: E402
 from models.simla.pretrain import SIMLAPretrain, keyword_votes  # noqa: E402
 from tests.parity import run_fixture  # noqa: E402
@@ -61,19 +61,6 @@ COMPILE_GUESS_S = 45.0  # the time a compiled row is taken to need before one ha
 
 def first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
-
-
-def matmul_tflops(device: torch.device, size: int, repeats: int = 20) -> float:
-    """Measured dense bf16 matrix-product rate (the MFU denominator)."""
-    a, b = (torch.randn(size, size, device=device, dtype=torch.bfloat16) for _ in range(2))
-    for count in (2, repeats):  # warm-up, then timed
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        for _ in range(count):
-            c = a @ b
-        float(c[0, 0])  # waits for the products
-    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e12
 
 
 @contextlib.contextmanager

@@ -79,6 +79,19 @@ def count_step_flops(run_step) -> int:
     return int(counter.get_total_flops())
 
 
+def matmul_tflops(device: torch.device, size: int, dtype: torch.dtype = torch.bfloat16, repeats: int = 20) -> float:
+    """Measured rate of dense ``size``-cubed matrix products in ``dtype`` (the MFU denominator on GPUs)."""
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
+    for count in (2, repeats):  # warm-up, then timed
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        for _ in range(count):
+            c = a @ b
+        float(c[0, 0])  # waits for the products
+    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e12
+
+
 #: Dense peak FLOP/s per precision of the GPUs the MFU figure is quoted against (H100 SXM, H200).
 GPU_PEAK_FLOPS = {"none": 67e12, "bf16": 989e12, "fp16": 989e12}
 
@@ -200,6 +213,8 @@ def main(argv: list[str] | None = None) -> dict:
                           args.compile_mode)
     if cuda:
         result["mfu"] = round(result["achieved_tflops_per_s"] * 1e12 / GPU_PEAK_FLOPS[args.amp], 4)
+    dtype = {"none": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
+    result["matmul_tflops_per_s"] = round(matmul_tflops(torch.device(args.device), 2048, dtype, repeats=5), 3)
     result["peak_rss_mb"] = round(peak_rss_mb(), 1)
     result["rss_after_imports_mb"] = round(after_imports, 1)
     result["peak_rss_above_imports_mb"] = round(peak_rss_mb() - after_imports, 1)
@@ -207,7 +222,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{args.preset}, batch {result['batch_size']}, {result['device']}, amp {args.amp}: median "
           f"{result['median_s_per_step']} s/step ({result['samples_per_s']} samples/s) over {len(result['steps'])} "
           f"steps; peak RSS {result['peak_rss_mb']} MB, "
-          f"{result['peak_rss_above_imports_mb']} MB above the RSS after imports ({result['rss_after_imports_mb']} MB)"
+          f"{result['peak_rss_above_imports_mb']} MB above the RSS after imports ({result['rss_after_imports_mb']} MB); "
+          f"2048-cubed products at {result['matmul_tflops_per_s'] * 1e3:.0f} GFLOP/s"
           + (f"; {result['gflop_per_step']} GFLOP/step, {result['achieved_tflops_per_s']} TFLOP/s"
              if "gflop_per_step" in result else "")
           + (f", MFU {result['mfu']:.1%} (of {GPU_PEAK_FLOPS[args.amp] / 1e12:.0f} TFLOP/s)" if "mfu" in result else "")
