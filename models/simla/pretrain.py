@@ -242,13 +242,8 @@ class SIMLAPretrain(MomentumMixin, nn.Module):
 
         # ---- MIM: masked image patches (as BERT queries) attending to the caption's embeddings
         masked_pos = masked_visual_token_pos.flatten(1).bool()
-        if masked_visual_tok_labels is None:
-            if visual_token_ids is None:
-                raise ValueError("the MIM loss needs masked_visual_tok_labels or visual_token_ids (none given)")
-            code_grid = torch.where(masked_pos, visual_token_ids.flatten(1), -100)
-        else:
-            code_grid = torch.full_like(masked_pos, -100, dtype=torch.long).masked_scatter(
-                masked_pos, masked_visual_tok_labels)
+        if masked_visual_tok_labels is None and visual_token_ids is None:
+            raise ValueError("the MIM loss needs masked_visual_tok_labels or visual_token_ids (none given)")
         with torch.no_grad():
             if not pair_vit:
                 masked_embeds_m = self.visual_encoder_m(image, masked_visual_token_pos)
@@ -265,11 +260,18 @@ class SIMLAPretrain(MomentumMixin, nn.Module):
         patches = cross.last_hidden_state[:, 1:]
         predicted_visual_tokens = self.mim_head(patches if static else patches[masked_pos])
         mim_distill = -torch.sum(F.log_softmax(predicted_visual_tokens, dim=-1) * soft_labels_mim, dim=-1)
-        if static:
+        if static:  # every patch scored: the masked ones' codes on the (B, N) grid, -100 elsewhere
+            if masked_visual_tok_labels is None:
+                code_grid = torch.where(masked_pos, visual_token_ids.flatten(1), -100)
+            else:
+                code_grid = torch.full_like(masked_pos, -100, dtype=torch.long).masked_scatter(
+                    masked_pos, masked_visual_tok_labels)
             loss_mim_hard = F.cross_entropy(predicted_visual_tokens.flatten(0, 1), code_grid.flatten())
             mim_distill = masked_mean(mim_distill, masked_pos)
         else:
-            loss_mim_hard = F.cross_entropy(predicted_visual_tokens, code_grid[masked_pos])
+            if masked_visual_tok_labels is None:
+                masked_visual_tok_labels = visual_token_ids.flatten(1)[masked_pos]
+            loss_mim_hard = F.cross_entropy(predicted_visual_tokens, masked_visual_tok_labels)
             mim_distill = mim_distill.mean()
         loss_mim = (1 - alpha) * loss_mim_hard + alpha * mim_distill
         if return_intermediates:
